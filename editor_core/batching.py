@@ -1,0 +1,86 @@
+"""Teacher-forced batches: prompt tokens followed by target tokens, loss only on the target.
+
+Prompt and target are tokenized separately and concatenated, so the target's token ids are exactly
+those of ``" " + target`` wherever it is placed, and the boundary never merges into the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded ids with labels set only on target tokens."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE outside target tokens; labels[t] is predicted at t-1
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """(B, T-1) bool: positions whose next-token prediction is a target token."""
+        return self.labels[:, 1:] != IGNORE
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    """Token ids of a target as it follows a prompt (with its leading space)."""
+    text = target if target.startswith(" ") else " " + target
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt, with the model's BOS when it uses one."""
+    ids = tokenizer(prompt.rstrip(" "), add_special_tokens=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [bos] + ids
+    return ids
+
+
+def build_batch(tokenizer, prompts: list[str], targets: list[str], max_len: int = 128) -> TokenBatch:
+    """Batch ``prompt + " " + target`` pairs; prompts are truncated from the left to fit ``max_len``."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows, labels = [], []
+    for prompt, target in zip(prompts, targets, strict=True):
+        t_ids = target_ids(tokenizer, target)[: max_len - 1]
+        p_ids = prompt_ids(tokenizer, prompt)[-(max_len - len(t_ids)) :]
+        rows.append(p_ids + t_ids)
+        labels.append([IGNORE] * len(p_ids) + t_ids)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(lb)] = torch.tensor(lb)
+        mask[i, : len(r)] = 1
+    return TokenBatch(ids, mask, lab)
+
+
+def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """(B, T-1) log-prob of each next token, zero where it is not a target token.
+
+    logits: (B, T, V) from the model on ``batch.input_ids``.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    nxt = batch.labels[:, 1:].clamp(min=0)  # (B, T-1)
+    picked = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return picked * batch.target_mask
+
+
+def mean_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Scalar: mean NLL over all target tokens of the batch (the edit loss)."""
+    lp = token_logprobs(logits, batch)
+    return -lp.sum() / batch.target_mask.sum().clamp(min=1)
