@@ -1,0 +1,71 @@
+"""Editor checkpoints: ``editor.safetensors`` (tensors) + ``editor_config.json`` (everything else).
+
+No pickles: a checkpoint can be inspected with any JSON viewer and loaded without executing code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from editor_core.config import MendConfig
+from editor_core.models import short_name
+
+WEIGHTS = "editor.safetensors"
+CONFIG = "editor_config.json"
+FORMAT_VERSION = 1
+
+
+class EditorCheckpointError(FileNotFoundError):
+    """No usable editor checkpoint at a path."""
+
+
+@dataclass
+class Checkpoint:
+    config: MendConfig
+    state: dict[str, torch.Tensor]
+    info: dict  # model spec, fingerprint, target names, training summary
+
+
+def save(path: str | Path, config: MendConfig, state: dict[str, torch.Tensor], info: dict) -> Path:
+    """Write a checkpoint directory (created if needed); returns the directory."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(out / (WEIGHTS + ".tmp")))
+    os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)
+    doc = {"format_version": FORMAT_VERSION, "mend": config.to_dict(), **info}
+    (out / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read a checkpoint directory written by :func:`save`."""
+    d = Path(path)
+    if not (d / WEIGHTS).is_file() or not (d / CONFIG).is_file():
+        raise EditorCheckpointError(
+            f"no editor checkpoint at {d} (expected {WEIGHTS} and {CONFIG}); train one with `mend train`"
+        )
+    doc = json.loads((d / CONFIG).read_text())
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise EditorCheckpointError(f"{d / CONFIG}: unsupported format_version {doc.get('format_version')!r}")
+    config = MendConfig.from_dict(doc.pop("mend"))
+    doc.pop("format_version")
+    return Checkpoint(config=config, state=load_file(str(d / WEIGHTS)), info=doc)
+
+
+def editors_root() -> Path:
+    """Where shipped editors live: ``MEND_EDITORS_DIR`` or the repository's ``editors/``."""
+    env = os.environ.get("MEND_EDITORS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "editors"
+
+
+def default_editor_dir(model_spec: str) -> Path | None:
+    """The shipped editor for a model spec, if there is one."""
+    d = editors_root() / short_name(model_spec)
+    return d if (d / WEIGHTS).is_file() else None

@@ -1,0 +1,87 @@
+"""Capture MEND's per-token gradient factors for the edited weights.
+
+For a linear map ``y = W x`` applied at every token, ``dL/dW = sum_t delta_t x_t^T`` with ``x_t`` the
+layer input and ``delta_t = dL/dy_t``. Keeping the pairs (x_t, delta_t) instead of the summed matrix
+is what lets MEND transform a rank-``n_tok`` gradient with a small network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from editor_core.batching import TokenBatch, mean_target_nll
+from editor_core.targets import Target
+
+
+@dataclass
+class TokenFactors:
+    """Per-token layer inputs and output gradients for each target (real tokens only)."""
+
+    x: dict[str, torch.Tensor]  # name -> (N, d_in)
+    delta: dict[str, torch.Tensor]  # name -> (N, d_out)
+    row: torch.Tensor  # (N,) which batch row each token came from
+
+    def gradient(self, name: str) -> torch.Tensor:
+        """(d_out, d_in): the summed weight gradient these factors stand for."""
+        return self.delta[name].t() @ self.x[name]
+
+
+@contextmanager
+def recording(model: nn.Module, targets: list[Target]) -> Iterator[dict[str, tuple]]:
+    """Record (input, output) of each target module during the forward passes inside the block.
+
+    Outputs are made to require grad (as graph leaves where nothing upstream does), so a backward
+    from the loss reaches every target without building a graph through the frozen prefix.
+    """
+    seen: dict[str, tuple] = {}
+
+    def make_hook(name: str):
+        def hook(_module, inputs, output):
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            seen[name] = (inputs[0], output)
+            return output
+
+        return hook
+
+    handles = [model.get_submodule(t.name).register_forward_hook(make_hook(t.name)) for t in targets]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_factors(
+    model: nn.Module,
+    targets: list[Target],
+    batch: TokenBatch,
+    run: Callable[[], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, TokenBatch], torch.Tensor] = mean_target_nll,
+) -> TokenFactors:
+    """One forward/backward of the edit loss; returns (x, delta) for every real token of ``batch``.
+
+    ``run`` returns logits (B, T, V) for ``batch``; by default the full model on its ids (pass a tail
+    runner to start from cached prefix states). Model parameters get no ``.grad``.
+    """
+    if run is None:
+        def run() -> torch.Tensor:
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+    with torch.enable_grad(), recording(model, targets) as seen:
+        logits = run()  # (B, T, V)
+        loss = loss_fn(logits, batch)
+        outputs = [seen[t.name][1] for t in targets]
+        grads = torch.autograd.grad(loss, outputs)
+    real = batch.attention_mask.bool()  # (B, T); padding carries no gradient, drop it
+    row = torch.arange(real.shape[0], device=real.device).unsqueeze(1).expand_as(real)[real]  # (N,)
+    xs, deltas = {}, {}
+    for t, g in zip(targets, grads, strict=True):
+        xs[t.name] = seen[t.name][0].detach()[real]  # (N, d_in)
+        deltas[t.name] = g.detach()[real]  # (N, d_out)
+    return TokenFactors(xs, deltas, row)

@@ -1,0 +1,48 @@
+import torch
+
+from editor_core.batching import build_batch, mean_target_nll
+from editor_core.config import MendConfig
+from editor_core.editor import MendEditor
+from editor_core.functional_edit import added_updates
+from editor_core.requests import EditRequest
+from editor_core.stack import EditStack
+from editor_core.targets import resolve_targets
+
+
+def _loss(model, tok, req):
+    b = build_batch(tok, [req.prompt], [req.target])
+    with torch.no_grad():
+        return float(mean_target_nll(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b))
+
+
+def test_untrained_editor_is_a_gradient_step_that_lowers_the_loss(tiny_model, tiny_tokenizer, facts):
+    stack = EditStack(tiny_model, resolve_targets(tiny_model))
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2))
+    req = EditRequest(facts[0]["prompt"], facts[0]["target_new"])
+    before_sha, before_loss = stack.sha256(), _loss(tiny_model, tiny_tokenizer, req)
+    delta = editor.compute_delta(tiny_model, tiny_tokenizer, [req])
+    assert stack.sha256() == before_sha  # pure: nothing written
+    stack.apply("e", delta)
+    assert _loss(tiny_model, tiny_tokenizer, req) < before_loss
+
+
+def test_hooked_updates_equal_applied_weights(tiny_model, tiny_tokenizer, facts):
+    stack = EditStack(tiny_model, resolve_targets(tiny_model))
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2))
+    reqs = [EditRequest(f["prompt"], f["target_new"]) for f in facts[:2]]
+    delta = editor.compute_delta(tiny_model, tiny_tokenizer, reqs)
+    b = build_batch(tiny_tokenizer, [facts[5]["prompt"]], [facts[5]["target_new"]])
+    with torch.no_grad(), added_updates(tiny_model, delta.updates):
+        hooked = tiny_model(input_ids=b.input_ids).logits
+    with torch.no_grad(), stack.applied(delta):
+        applied = tiny_model(input_ids=b.input_ids).logits
+    torch.testing.assert_close(hooked, applied, atol=1e-5, rtol=1e-4)
+
+
+def test_batched_delta_has_one_rank_per_token(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    editor = MendEditor.untrained(stack, MendConfig(rank=8))
+    reqs = [EditRequest(f["prompt"], f["target_new"]) for f in facts[:3]]
+    delta = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+    n_tok = int(build_batch(tiny_tokenizer, [r.prompt for r in reqs], [r.target for r in reqs]).attention_mask.sum())
+    assert {u.rank for u in delta.updates.values()} == {n_tok}
