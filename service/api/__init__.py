@@ -1,0 +1,1 @@
+"""HTTP routes (one module per area) and the auth dependency."""

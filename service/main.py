@@ -1,0 +1,143 @@
+"""create_app(): the FastAPI app, its middleware, error handlers and lifespan.
+
+Tests inject a ``loader`` (tiny model + offline tokenizer) and an ``editors`` factory; production
+uses editor_core.models and the shipped editor (see :mod:`service.runtime`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.api import edits, health, metrics, query
+from service.errors import ServiceError
+from service.journal import JournalConflictError
+from service.metrics import Metrics
+from service.runtime import EditorsFactory, Loader, Runtime
+from service.settings import Settings, get_settings
+from service.writer_lock import LockLostError
+
+log = logging.getLogger("service.http")
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (by Content-Length, or counted as streamed)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send) -> None:
+        body = json.dumps({"detail": [{"type": "too_large", "loc": ["body"],
+                                       "msg": f"request body larger than max_body_bytes={self.max_bytes}"}]})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _error_response(status: int, code: str, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"detail": message, "code": code, **extra}, status_code=status)
+
+
+def create_app(settings: Settings | None = None, *, loader: Loader | None = None,
+               editors: EditorsFactory | None = None) -> FastAPI:
+    """Build the service app. ``loader(settings)`` returns an object with ``.model``/``.tokenizer``;
+    ``editors(stack, model, tokenizer, settings)`` returns {method: Editor or reason-unavailable}."""
+    settings = settings or get_settings()
+    app_metrics = Metrics()
+    runtime = Runtime(settings, app_metrics, loader=loader, editors=editors)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not settings.auth_enabled:
+            log.warning("no API keys configured (MEND_API_KEYS): authentication is off; "
+                        "serve on 127.0.0.1 only")
+        runtime.start()
+        try:
+            yield
+        finally:
+            runtime.shutdown()
+
+    app = FastAPI(
+        title="mend-service",
+        description="Correct facts in a served language model with MEND edits; every edit is journaled "
+                    "in Redis and can be rolled back exactly.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.metrics = app_metrics
+    app.include_router(health.router)
+    app.include_router(query.router)
+    app.include_router(edits.router)
+    app.include_router(metrics.router)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, err: ServiceError):
+        return _error_response(err.status, err.code, err.message, **err.extra)
+
+    @app.exception_handler(LockLostError)
+    async def lock_lost(request: Request, err: LockLostError):
+        return _error_response(503, "writer_unavailable", str(err))
+
+    @app.exception_handler(JournalConflictError)
+    async def journal_conflict(request: Request, err: JournalConflictError):
+        return _error_response(503, "journal_conflict", f"{err}; nothing was applied")
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, err: redis.RedisError):
+        log.error("redis error", extra={"error": str(err), "path": request.url.path})
+        return _error_response(503, "journal_unavailable", "the journal (Redis) is unavailable; nothing was applied")
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            app_metrics.requests.labels(route=route, method=request.method, status=str(status)).inc()
+            app_metrics.latency.labels(route=route, method=request.method).observe(elapsed)
+            if not route.startswith("/health") and route != "/metrics":
+                log.info("request", extra={"method": request.method, "route": route, "status": status,
+                                           "ms": round(elapsed * 1000, 1),
+                                           "principal": getattr(request.state, "principal", None)})
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,31 @@
+"""Prometheus instruments of one app instance (own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Request counts and latency per route, edit counters, journal version, batch sizes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mend_http_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.latency = Histogram(
+            "mend_http_request_duration_seconds", "HTTP request latency", ["route", "method"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.edits_applied = Counter("mend_edits_applied", "Edits applied and journaled", ["method"], registry=r)
+        self.edits_rolled_back = Counter("mend_edits_rolled_back", "Edits rolled back", registry=r)
+        self.edit_seconds = Histogram(
+            "mend_edit_duration_seconds", "Compute + apply + journal time of one edit", registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.journal_version = Gauge("mend_journal_version", "Journal version of the live weights", registry=r)
+        self.active_edits = Gauge("mend_active_edits", "Edits currently applied", registry=r)
+        self.batch_size = Histogram(
+            "mend_query_batch_size", "Prompts per query micro-batch", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
+        self.ready = Gauge("mend_ready", "1 once the model is loaded and the journal replayed", registry=r)

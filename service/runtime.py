@@ -1,0 +1,188 @@
+"""Startup and shutdown of everything behind the HTTP layer.
+
+Startup runs on a background thread so that ``/health/live`` answers at once and ``/health/ready``
+says 503 until the service can really serve:
+
+  redis (external or embedded) -> load model -> EditStack (fingerprint) -> writer lock
+  -> editors -> replay journal + verify sha256 -> worker thread -> ready
+
+The writer lock is taken as soon as the model's fingerprint is known, because the lock lives in the
+fingerprint's key namespace; nothing reads or writes the journal before it is held.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+
+from editor_core.stack import EditStack
+from editor_core.targets import resolve_targets
+from service.engine import EditEngine
+from service.journal import Journal
+from service.metrics import Metrics
+from service.redis_embedded import EmbeddedRedis
+from service.settings import Settings
+from service.worker import ModelWorker
+from service.writer_lock import WriterLock
+
+log = logging.getLogger(__name__)
+
+# loader(settings) -> object with .model and .tokenizer (editor_core.models.LoadedModel or similar)
+Loader = Callable[[Settings], Any]
+# editors(stack, model, tokenizer, settings) -> {method: Editor, or a str saying why it is unavailable}
+EditorsFactory = Callable[[EditStack, Any, Any, Settings], dict[str, Any]]
+
+
+def default_loader(settings: Settings):
+    """Load the configured model through editor_core.models (safetensors cache, GGUF, HF dirs)."""
+    from editor_core.models import load
+
+    dtype = getattr(torch, settings.dtype)
+    return load(settings.model, device=settings.device, dtype=dtype, cache_dir=settings.cache_dir)
+
+
+def default_editors(stack: EditStack, model, tokenizer, settings: Settings) -> dict[str, Any]:
+    """FT always; MEND only when a trained editor exists for this model."""
+    editors: dict[str, Any] = {}
+    try:
+        from editor_core.baselines import FTConfig, FTEditor
+
+        editors["ft"] = FTEditor(stack, FTConfig())
+    except ImportError as err:
+        editors["ft"] = f"the ft editor is not available in this build ({err})"
+    editor_dir = settings.editor_dir
+    if editor_dir is None:
+        try:
+            from editor_core.checkpoint import default_editor_dir
+
+            editor_dir = default_editor_dir(settings.model)
+        except ImportError:
+            editor_dir = None
+    if editor_dir is None or not Path(editor_dir).exists():
+        editors["mend"] = (
+            f"no trained MEND editor for model {settings.model!r}: train one with `mend train` and point "
+            "MEND_EDITOR_DIR at it, or use method 'ft'"
+        )
+        return editors
+    try:
+        from editor_core.editor import MendEditor
+
+        editors["mend"] = MendEditor.load(Path(editor_dir), stack)
+        log.info("trained MEND editor loaded", extra={"editor_dir": str(editor_dir)})
+    except Exception as err:  # a checkpoint that does not fit must not stop ft from serving
+        log.error("trained MEND editor unusable", extra={"editor_dir": str(editor_dir), "error": str(err)})
+        editors["mend"] = f"the MEND editor at {editor_dir} cannot be used with this model: {err}"
+    return editors
+
+
+@dataclass
+class Status:
+    phase: str = "starting"  # starting | connecting | loading | locking | replaying | ready | failed | stopped
+    error: str | None = None
+
+
+class Runtime:
+    """Owns redis, the lock, the engine and the worker of one app instance."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader | None = None,
+                 editors: EditorsFactory | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self.loader = loader or default_loader
+        self.editors_factory = editors or default_editors
+        self.status = Status()
+        self.embedded: EmbeddedRedis | None = None
+        self.client: redis.Redis | None = None
+        self.lock: WriterLock | None = None
+        self.journal: Journal | None = None
+        self.engine: EditEngine | None = None
+        self.worker: ModelWorker | None = None
+        self.model_source: str | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.worker is not None and self.worker.alive
+
+    def start(self) -> None:
+        """Begin startup on a background thread."""
+        self._thread = threading.Thread(target=self._startup, name="startup", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until ready (True) or failed/timeout (False)."""
+        self._ready.wait(timeout_s)
+        return self.ready
+
+    def _phase(self, phase: str) -> None:
+        self.status.phase = phase
+        log.info("startup phase", extra={"phase": phase})
+
+    def _startup(self) -> None:
+        s = self.settings
+        try:
+            self._phase("connecting")
+            if s.redis_url:
+                self.client = redis.Redis.from_url(s.redis_url)
+            else:
+                self.embedded = EmbeddedRedis(s.data_dir).start()
+                self.client = redis.Redis.from_url(self.embedded.url)
+            self.client.ping()
+            self._phase("loading")
+            if s.torch_threads:
+                torch.set_num_threads(s.torch_threads)
+            loaded = self.loader(s)
+            model, tokenizer = loaded.model, loaded.tokenizer
+            model.eval()
+            self.model_source = str(getattr(loaded, "source", s.model))
+            stack = EditStack(model, resolve_targets(model))
+            self.journal = Journal(self.client, stack.fingerprint, s.redis_prefix)
+            self._phase("locking")
+            self.lock = WriterLock(self.client, self.journal.lock_key, s.lock_ttl_ms)
+            self.lock.acquire(wait_s=s.lock_wait_s)
+            self.lock.start_heartbeat()
+            made = self.editors_factory(stack, model, tokenizer, s)
+            editors = {m: e for m, e in made.items() if not isinstance(e, str)}
+            unavailable = {m: e for m, e in made.items() if isinstance(e, str)}
+            self.engine = EditEngine(model, tokenizer, stack, editors, self.journal, self.lock,
+                                     self.metrics, unavailable)
+            self._phase("replaying")
+            self.engine.replay()
+            self.worker = ModelWorker(self.engine.answer, max_batch=s.max_batch_size,
+                                      max_wait_s=s.max_wait_ms / 1000.0,
+                                      on_batch=self.metrics.batch_size.observe)
+            self.worker.start()
+            self.metrics.ready.set(1)
+            self._phase("ready")
+            log.info("service ready", extra={"model": s.model, "fingerprint": stack.fingerprint[:16],
+                                             "version": self.engine.version, "editors": sorted(editors),
+                                             "unavailable": sorted(unavailable)})
+        except Exception as err:
+            self.status.phase, self.status.error = "failed", f"{type(err).__name__}: {err}"
+            log.exception("startup failed")
+        finally:
+            self._ready.set()
+
+    def shutdown(self) -> None:
+        """Stop the worker, release the lock, close redis, stop the embedded server."""
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.metrics.ready.set(0)
+        if self.worker is not None:
+            self.worker.stop()
+        if self.lock is not None:
+            self.lock.release()
+        if self.client is not None:
+            self.client.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+        self.status.phase = "stopped"
+        log.info("service stopped")

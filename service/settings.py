@@ -1,0 +1,86 @@
+"""Service settings: every field is an environment variable ``MEND_<NAME>`` and a ``mend serve`` flag."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["reader", "editor", "admin"]
+ROLE_RANK: dict[str, int] = {"reader": 0, "editor": 1, "admin": 2}
+
+
+class ApiKey(BaseModel):
+    """Who holds a key (the name is what the journal records as author) and what it may do."""
+
+    name: str = Field(min_length=1)
+    role: Role
+
+
+class Settings(BaseSettings):
+    """All knobs of the service. Limits are enforced on every request before the model sees it."""
+
+    model_config = SettingsConfigDict(env_prefix="MEND_", extra="ignore")
+
+    # --- model ---------------------------------------------------------------------------------
+    model: str = Field("smollm2-135m", description="model alias, HF id, local directory or GGUF file")
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
+    cache_dir: Path | None = Field(None, description="where converted models are cached (default: library's)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    editor_dir: Path | None = Field(
+        None, description="trained MEND editor directory (default: the one shipped for the model, if any)"
+    )
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="bind address (forced to 127.0.0.1 when no API keys are set)")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    api_keys: dict[str, ApiKey] = Field(
+        default_factory=dict,
+        description='JSON {"<key>": {"name": "...", "role": "reader|editor|admin"}}; empty = no auth, local only',
+    )
+    log_level: str = Field("INFO", description="logging level")
+    log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
+
+    # --- Redis journal -------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="external Redis URL; unset = start an embedded redis-server")
+    data_dir: Path = Field(Path("var"), description="embedded redis-server's directory (AOF lives here)")
+    redis_prefix: str = Field("mend", description="prefix of every Redis key (then the model fingerprint)")
+    lock_ttl_ms: int = Field(15000, ge=1000, description="writer lock expiry; renewed every third of it")
+    lock_wait_s: float = Field(60.0, ge=0, description="how long startup waits for another writer's lock")
+
+    # --- worker --------------------------------------------------------------------------------
+    max_batch_size: int = Field(8, ge=1, description="most prompts in one query micro-batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more queries")
+    query_timeout_s: float = Field(30.0, gt=0, description="a query waiting longer gets 504")
+    edit_timeout_s: float = Field(300.0, gt=0, description="an edit or rollback waiting longer gets 504")
+
+    # --- limits --------------------------------------------------------------------------------
+    max_prompt_chars: int = Field(1000, ge=1, description="longest prompt, target or rephrase (characters)")
+    max_requests_per_edit: int = Field(8, ge=1, description="most facts in one /edit")
+    max_rephrases: int = Field(8, ge=0, description="most rephrases per edit request")
+    max_prompts_per_query: int = Field(16, ge=1, description="most prompts in one /query")
+    max_new_tokens: int = Field(64, ge=1, description="largest max_new_tokens a query may ask for")
+    default_new_tokens: int = Field(16, ge=1, description="max_new_tokens when a query does not say")
+    max_candidates: int = Field(16, ge=0, description="most candidates scored per query")
+    max_body_bytes: int = Field(262144, ge=1024, description="largest request body (bytes)")
+    max_page_size: int = Field(200, ge=1, description="largest page of GET /edits")
+
+    @field_validator("redis_url", "editor_dir", "cache_dir", "torch_threads", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if v == "" else v
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when at least one API key is configured."""
+        return bool(self.api_keys)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()
