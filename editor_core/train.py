@@ -1,0 +1,280 @@
+"""Meta-train a MEND editor: ``mend train``.
+
+Each step samples ``edits_per_step`` records, computes one batched edit from their gradient factors,
+and trains the editor nets (not the model) on
+
+    c_edit * NLL(post-edit model, target_new | prompt and rephrases)
+  + c_loc  * KL(pre || post) on the records' locality prompts.
+
+Only the edited tail of the model runs per step: the hidden states entering the first edited block
+are cached once per text (:class:`PrefixStateCache`). Validation edits held-out records one at a time
+and tracks efficacy, paraphrase and neighborhood; the best checkpoint by their mean is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from editor_core import checkpoint, models
+from editor_core.batching import TokenBatch, build_batch, mean_target_nll, token_logprobs
+from editor_core.config import MendConfig
+from editor_core.data import EditRecord, load_records, split_records
+from editor_core.editor import MendEditor
+from editor_core.functional_edit import added_updates
+from editor_core.grads import capture_factors
+from editor_core.stack import EditStack
+from editor_core.state_cache import PrefixStateCache
+from editor_core.tail import tail_logits
+from editor_core.targets import resolve_targets
+from editor_core.training_plot import plot_history
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in the checkpoint's JSON."""
+
+    model: str = models.DEFAULT_MODEL
+    data: list[str] = field(default_factory=lambda: ["../shared/data/counterfact-train.json"])
+    format: str = "auto"
+    out: str = "runs/mend"
+    val_size: int = 128  # records held out of the training files for model selection
+    edits_per_step: int = 4
+    steps: int = 1000
+    lr: float = 1e-4  # Adam lr of the editor nets
+    lr_lr: float = 1e-2  # Adam lr of the log edit step sizes
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    val_every: int = 100
+    patience: int = 5  # validations without improvement before stopping
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    prefix_cache: bool = True
+    limit: int | None = None  # read at most this many records per file
+    mend: MendConfig = field(default_factory=MendConfig)
+
+
+def _pairs_batch(tok, pairs: list[tuple[str, str]], max_len: int) -> TokenBatch:
+    return build_batch(tok, [p for p, _ in pairs], [t for _, t in pairs], max_len)
+
+
+def _mean_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """(B,) mean log-prob of each row's target tokens."""
+    lp = token_logprobs(logits, batch)  # (B, T-1)
+    return lp.sum(-1) / batch.target_mask.sum(-1).clamp(min=1)
+
+
+def _kl_pre_post(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of KL(pre || post); pre/post: (B, T, V) logits, mask: (B, T)."""
+    logp_pre = torch.log_softmax(pre.float(), -1)
+    logp_post = torch.log_softmax(post.float(), -1)
+    kl = (logp_pre.exp() * (logp_pre - logp_post)).sum(-1)  # (B, T)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+class EditorTrainer:
+    """Owns the frozen model, the editor being trained, its optimizer and the prefix cache."""
+
+    def __init__(self, cfg: TrainConfig, lm: models.LoadedModel):
+        self.cfg, self.model, self.tok = cfg, lm.model, lm.tokenizer
+        targets = resolve_targets(self.model, cfg.mend.targets or None, cfg.mend.last_blocks)
+        cfg.mend.targets = [t.name for t in targets]
+        self.stack = EditStack(self.model, targets)  # only for the fingerprint; never applied to
+        self.editor = MendEditor.untrained(self.stack, cfg.mend)
+        self.first = min(t.block for t in targets)
+        self.cache = PrefixStateCache(self.model, self.first, enabled=cfg.prefix_cache)
+        nets = self.editor.nets.to(cfg.device)
+        self.opt = torch.optim.Adam([
+            {"params": nets.editor_parameters(), "lr": cfg.lr},
+            {"params": [nets.log_lr], "lr": cfg.lr_lr},
+        ])
+
+    def _tail(self, batch: TokenBatch) -> torch.Tensor:
+        return tail_logits(self.model, self.first, self.cache.states(batch), batch.attention_mask)
+
+    def _edit_updates(self, records: list[EditRecord]):
+        """Editor output for one batched edit of ``records`` (differentiable in the editor)."""
+        edit = _pairs_batch(self.tok, [(r.prompt, r.target_new) for r in records], self.cfg.mend.max_len)
+        edit = edit.to(self.cfg.device)
+        states = self.cache.states(edit)
+        factors = capture_factors(
+            self.model, self.editor.targets, edit,
+            run=lambda: tail_logits(self.model, self.first, states, edit.attention_mask),
+        )
+        return self.editor.updates_from_factors(factors)
+
+    def step(self, records: list[EditRecord]) -> dict[str, float]:
+        """One meta-training step on a batch of edits; returns the loss terms."""
+        self.editor.nets.train()
+        dev, max_len = self.cfg.device, self.cfg.mend.max_len
+        post_pairs = [(p, r.target_new) for r in records for p in (r.prompt, *r.rephrases)]
+        loc_pairs = [(lp.prompt, lp.answer) for r in records for lp in r.locality]
+        post_b = _pairs_batch(self.tok, post_pairs, max_len).to(dev)
+        loc_b = _pairs_batch(self.tok, loc_pairs, max_len).to(dev) if loc_pairs else None
+        with torch.no_grad():
+            loc_pre = self._tail(loc_b) if loc_b is not None else None
+        updates = self._edit_updates(records)
+        with added_updates(self.model, updates):
+            l_edit = mean_target_nll(self._tail(post_b), post_b)
+            l_loc = (_kl_pre_post(loc_pre, self._tail(loc_b), loc_b.attention_mask)
+                     if loc_b is not None else torch.zeros((), device=dev))
+        loss = self.cfg.c_edit * l_edit + self.cfg.c_loc * l_loc
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.editor.nets.parameters(), 10.0)
+        self.opt.step()
+        return {"loss": float(loss), "edit_nll": float(l_edit), "loc_kl": float(l_loc),
+                "log_lr": float(self.editor.nets.log_lr.mean())}
+
+    @torch.no_grad()
+    def validate(self, records: list[EditRecord], edit: bool = True) -> dict[str, float]:
+        """Edit each record alone (editor in eval mode) and score it, as a user would see it."""
+        self.editor.nets.eval()
+        hits = {"efficacy": [], "paraphrase": [], "neighborhood": []}
+        max_len = self.cfg.mend.max_len
+        for r in records:
+            if r.ground_truth is None:
+                continue
+            with torch.enable_grad():
+                updates = self._edit_updates([r]) if edit else {}
+            updates = {n: type(u)(u.u.detach(), u.v.detach()) for n, u in updates.items()}
+            pairs = [(r.prompt, r.target_new), (r.prompt, r.ground_truth)]
+            for p in r.rephrases:
+                pairs += [(p, r.target_new), (p, r.ground_truth)]
+            for lp in r.locality:
+                pairs += [(lp.prompt, lp.answer), (lp.prompt, r.target_new)]
+            b = _pairs_batch(self.tok, pairs, max_len).to(self.cfg.device)
+            with added_updates(self.model, updates):
+                mlp = _mean_logprobs(self._tail(b), b).tolist()
+            wins = [mlp[i] > mlp[i + 1] for i in range(0, len(mlp), 2)]
+            hits["efficacy"].append(float(wins[0]))
+            n_reph = len(r.rephrases)
+            if n_reph:
+                hits["paraphrase"].append(sum(wins[1 : 1 + n_reph]) / n_reph)
+            if r.locality:
+                hits["neighborhood"].append(sum(wins[1 + n_reph :]) / len(r.locality))
+        out = {k: sum(v) / len(v) if v else float("nan") for k, v in hits.items()}
+        out["score"] = (out["efficacy"] + out["paraphrase"] + out["neighborhood"]) / 3
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.editor.nets.state_dict()
+
+
+def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
+    """Run a full training; writes the best checkpoint, history JSON and a PNG plot to ``cfg.out``."""
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    lm = lm or models.load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    records = [r for path in cfg.data for r in load_records(path, cfg.format, cfg.limit)]
+    records = [r for r in records if r.ground_truth is not None]
+    val_fraction = min(0.5, cfg.val_size / max(1, len(records)))
+    train_recs, val_recs = split_records(records, val_fraction, cfg.seed)
+    log.info("training on %d records, validating on %d", len(train_recs), len(val_recs))
+    trainer = EditorTrainer(cfg, lm)
+    out = Path(cfg.out)
+    history: dict = {"train": [], "val": []}
+    baseline = trainer.validate(val_recs, edit=False)
+    history["unedited"] = baseline
+    log.info("unedited model on val: %s", _fmt(baseline))
+    best, bad_rounds, rng = -1.0, 0, random.Random(cfg.seed)
+    t0 = time.perf_counter()
+    bar = tqdm(range(1, cfg.steps + 1), desc="mend train", unit="step")
+    for step in bar:
+        batch = rng.sample(train_recs, min(cfg.edits_per_step, len(train_recs)))
+        stats = trainer.step(batch)
+        history["train"].append({"step": step, **stats})
+        bar.set_postfix(edit=f"{stats['edit_nll']:.2f}", kl=f"{stats['loc_kl']:.3f}")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            val = trainer.validate(val_recs)
+            history["val"].append({"step": step, "elapsed_s": time.perf_counter() - t0, **val})
+            log.info("step %d val %s", step, _fmt(val))
+            if val["score"] > best:
+                best, bad_rounds = val["score"], 0
+                _save(out, cfg, trainer, {"step": step, "val": val, "unedited_val": baseline,
+                                          "wall_s": time.perf_counter() - t0})
+            else:
+                bad_rounds += 1
+                if bad_rounds >= cfg.patience:
+                    log.info("early stop at step %d (no improvement in %d validations)", step, bad_rounds)
+                    break
+    history["wall_s"] = time.perf_counter() - t0
+    history["step_s"] = history["wall_s"] / max(1, len(history["train"]))
+    history["prefix_cache"] = {"entries": len(trainer.cache), "hits": trainer.cache.hits,
+                               "misses": trainer.cache.misses}
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    plot_history(history, out / "training.png")
+    log.info("done in %.0f s (%.2f s/step); best val score %.3f; checkpoint in %s",
+             history["wall_s"], history["step_s"], best, out)
+    return history
+
+
+def _save(out: Path, cfg: TrainConfig, trainer: EditorTrainer, summary: dict) -> None:
+    info = {
+        "editor_id": f"mend-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "model": cfg.model,
+        "model_fingerprint": trainer.stack.fingerprint,
+        "training": {"config": {k: v for k, v in asdict(cfg).items() if k != "mend"}, **summary},
+    }
+    checkpoint.save(out, cfg.mend, trainer.state(), info)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``mend train``."""
+    d, m = TrainConfig(), MendConfig()
+    p.add_argument("--model", default=d.model, help="HF id, local dir, .gguf file or alias")
+    p.add_argument("--data", nargs="+", default=d.data, help="training files (CounterFact/zsRE/KnowEdit)")
+    p.add_argument("--format", default=d.format, choices=["auto", "counterfact", "zsre", "knowedit"])
+    p.add_argument("--out", default=d.out, help="checkpoint directory")
+    for name in ("val_size", "edits_per_step", "steps", "val_every", "patience", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--limit", type=int, default=None, help="read at most N records per file")
+    for name in ("lr", "lr_lr", "c_edit", "c_loc"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--rank", type=int, default=m.rank)
+    p.add_argument("--n-blocks", type=int, default=m.n_blocks)
+    p.add_argument("--init-lr", type=float, default=m.init_lr)
+    p.add_argument("--last-blocks", type=int, default=m.last_blocks)
+    p.add_argument("--targets", nargs="*", default=None, help="module names to edit (overrides --last-blocks)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-prefix-cache", action="store_true", help="recompute the frozen prefix every step")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig a parsed ``mend train`` command line stands for."""
+    mend = MendConfig(targets=args.targets or [], last_blocks=args.last_blocks, rank=args.rank,
+                      n_blocks=args.n_blocks, init_lr=args.init_lr)
+    return TrainConfig(
+        model=args.model, data=list(args.data), format=args.format, out=args.out, val_size=args.val_size,
+        edits_per_step=args.edits_per_step, steps=args.steps, lr=args.lr, lr_lr=args.lr_lr,
+        c_edit=args.c_edit, c_loc=args.c_loc, val_every=args.val_every, patience=args.patience,
+        seed=args.seed, device=args.device, dtype=args.dtype, prefix_cache=not args.no_prefix_cache,
+        limit=args.limit, mend=mend,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``mend train``; returns the process exit code."""
+    cfg = config_from_args(args)
+    for path in cfg.data:
+        if not Path(path).is_file():
+            log.error("training data %s does not exist", path)
+            return 2
+    train(cfg)
+    return 0
