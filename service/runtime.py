@@ -45,7 +45,7 @@ def default_loader(settings: Settings):
     from editor_core.models import load
 
     dtype = getattr(torch, settings.dtype)
-    return load(settings.model, device=settings.device, dtype=dtype, cache_dir=settings.cache_dir)
+    return load(settings.model, device=settings.device, dtype=dtype, cache_dir=settings.model_cache)
 
 
 def default_editors(stack: EditStack, model, tokenizer, settings: Settings) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     model: str = Field("smollm2-135m", description="model alias, HF id, local directory or GGUF file")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
-    cache_dir: Path | None = Field(None, description="where converted models are cached (default: library's)")
+    model_cache: Path | None = Field(None, description="where converted GGUF models are cached (default ~/.cache/mend-service/models)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     editor_dir: Path | None = Field(
         None, description="trained MEND editor directory (default: the one shipped for the model, if any)"
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(262144, ge=1024, description="largest request body (bytes)")
     max_page_size: int = Field(200, ge=1, description="largest page of GET /edits")
 
-    @field_validator("redis_url", "editor_dir", "cache_dir", "torch_threads", mode="before")
+    @field_validator("redis_url", "editor_dir", "model_cache", "torch_threads", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v
