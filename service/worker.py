@@ -117,6 +117,9 @@ class ModelWorker:
             item = self._next()
             if item is _STOP:
                 return
+            if not self._running:  # stopping: leave it for stop() to fail
+                self._held.appendleft(item)
+                return
             if item.exclusive:
                 self._run_exclusive(item)
                 continue

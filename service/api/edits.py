@@ -50,11 +50,13 @@ async def rollback(body: RollbackIn, request: Request, who: AdminPrincipal) -> d
 async def list_edits(
     request: Request,
     offset: int = Query(0, ge=0),
-    limit: int = Query(50, ge=1),
+    limit: int | None = Query(None, ge=1, description="page size (default min(50, max_page_size))"),
     order: Literal["desc", "asc"] = Query("desc", description="desc = newest first"),
 ) -> dict:
     """Journal entries (requests, results, status, author, timestamps, sha256), paged."""
     runtime = ready_runtime(request)
+    if limit is None:
+        limit = min(50, runtime.settings.max_page_size)
     if limit > runtime.settings.max_page_size:
         raise RequestValidationError([{"type": "value_error", "loc": ("query", "limit"),
                                        "msg": f"at most max_page_size={runtime.settings.max_page_size}",
