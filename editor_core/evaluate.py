@@ -121,7 +121,7 @@ class EvalReport:
     pre: dict[str, float | None]
     post: dict[str, float | None]  # {} when no editor
     edit_ms: dict[str, float]  # median, p95, mean, n (edit calls); {} when no editor
-    rows: list[dict] = field(default_factory=list)  # {"case_id", "pre": {...}, "post": {...}}
+    rows: list[dict] = field(default_factory=list)  # {"case_id", "pre": {..}, "post": {..}, "edit": meta}
     meta: dict = field(default_factory=dict)  # model, data, editor... filled by the caller
 
     def to_dict(self) -> dict:
@@ -179,6 +179,7 @@ def evaluate(
         recs = records[g0 : g0 + group]
         prior = [(i, stack.delta_of(i)) for i in stack.active_ids]
         applied: list[str] = []
+        metas: list[dict] = []
         try:
             for b0 in range(0, len(recs), batch_size):
                 batch = recs[b0 : b0 + batch_size]
@@ -190,6 +191,7 @@ def evaluate(
                 _sync(model)
                 times.append((time.perf_counter() - t0) * 1000.0)
                 applied.append(edit_id)
+                metas += [dict(delta.meta)] * len(batch)
             post = score_records(model, tokenizer, recs, score_batch_size)
         finally:
             if len(applied) == 1:
@@ -198,6 +200,7 @@ def evaluate(
                 stack.rebuild(prior)  # one pass back to the entry state (same addmm order: bit exact)
         for k, s in enumerate(post):
             rows[g0 + k]["post"] = record_metrics(s, pre_scores[g0 + k])
+            rows[g0 + k]["edit"] = metas[k]  # the delta's meta (steps, editor id...) of its edit call
         bar.update(len(recs))
     bar.close()
     report.post = mean_metrics([row["post"] for row in rows])

@@ -189,6 +189,26 @@ def test_cli_runs_ft_and_writes_json(model_dir, tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["n_records"] == 2 and doc["edit_ms"]["n"] == 1 and doc["meta"]["model"] == str(model_dir)
     assert doc["meta"]["targets"][0].startswith("model.layers.")
+    assert doc["rows"][0]["edit"]["method"] == "ft" and int(doc["rows"][0]["edit"]["steps"]) > 0
+
+
+def test_cli_mend_uses_the_checkpoint_targets(model_dir, tmp_path, tiny_llama, capsys):
+    from editor_core import checkpoint
+    from editor_core.config import MendConfig
+    from editor_core.editor import MendEditor
+
+    targets = resolve_targets(tiny_llama, last_blocks=1)
+    stack = EditStack(tiny_llama, targets)
+    cfg = MendConfig(targets=[t.name for t in targets], rank=8)
+    editor = MendEditor.untrained(stack, cfg)
+    ckpt = checkpoint.save(tmp_path / "ed", cfg, editor.nets.state_dict(), {"model_fingerprint": stack.fingerprint})
+    out = tmp_path / "mend.json"
+    args = parse("--model", str(model_dir), "--editor", str(ckpt), "--data", str(FIXTURES / "facts.json"),
+                 "--limit", "2", "--json", str(out), "--no-progress")
+    assert run(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["method"] == "mend" and doc["meta"]["targets"] == cfg.targets
+    assert doc["rows"][1]["edit"]["method"] == "mend"
 
 
 def test_cli_user_errors_exit_2(tmp_path, monkeypatch, capsys):
@@ -218,3 +238,14 @@ def test_evaluate_accepts_record_with_locality_only(tiny_llama, tiny_tokenizer):
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     rep = evaluate(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), [r], progress=False)
     assert rep.pre["paraphrase"] is None and rep.post["locality_acc"] == 1.0
+
+
+def test_plot_reports_writes_png(tiny_llama, tiny_tokenizer, records, tmp_path):
+    from editor_core.report_plot import plot_reports
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    rep = evaluate(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack, 0.01), records[:2], progress=False)
+    saved = tmp_path / "rep.json"
+    saved.write_text(rep.to_json())
+    out = plot_reports({"fixed": rep, "again": saved}, tmp_path / "plots" / "cmp.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
