@@ -67,9 +67,27 @@ class EmbeddedRedis:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    @property
+    def pidfile(self) -> Path:
+        return self.data_dir / "redis-server.pid"
+
+    def _refuse_if_dir_in_use(self) -> None:
+        """Two servers on one AOF would corrupt it: refuse while a live redis-server owns the dir."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            return  # no pidfile, or a stale one from a killed server
+        if "redis-server" in cmdline:
+            raise EmbeddedRedisError(
+                f"redis-server pid {pid} ({cmdline.strip()}) already uses {self.data_dir} (left over from a "
+                f"crashed service?): stop it (kill {pid}) or point MEND_REDIS_URL at it"
+            )
+
     def start(self) -> EmbeddedRedis:
         """Launch the server and wait until it answers PING (it replays its AOF first)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_if_dir_in_use()
         args = [
             redis_server_binary(),
             "--bind", "127.0.0.1",
@@ -82,6 +100,7 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis-server.log"),
+            "--pidfile", str(self.pidfile),
         ]
         log.info("starting embedded redis-server", extra={"port": self.port, "dir": str(self.data_dir)})
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from mend_harness import edit, engine_of, fixture_facts, make_settings, query, s
 
 from editor_core.targets import weight_param  # noqa: E402
 from service.journal import Journal  # noqa: E402
-from service.redis_embedded import EmbeddedRedis  # noqa: E402
+from service.redis_embedded import EmbeddedRedis, EmbeddedRedisError  # noqa: E402
 
 pytestmark = pytest.mark.integration
 FACTS = fixture_facts()
@@ -80,7 +81,13 @@ def test_aof_survives_sigkill_at_journal_level(tmp_path):
         client = redis.Redis.from_url(server.url)
         client.xadd("s", {"op": "edit", "n": "1"}, id="1-0")
         client.set("blob", b"\x00\x01" * 100)
-        server.kill()
+        deadline = time.monotonic() + 5
+        while not server.pidfile.exists():  # redis writes it just after it starts listening
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(EmbeddedRedisError, match="already uses"):
+            EmbeddedRedis(tmp_path).start()  # a second server on the same AOF is refused
+        server.kill()  # leaves a stale pidfile behind
     with EmbeddedRedis(tmp_path) as server:
         client = redis.Redis.from_url(server.url)
         assert client.xrange("s")[0][1] == {b"op": b"edit", b"n": b"1"}
@@ -91,8 +98,6 @@ def test_second_writer_waits_for_the_lock_then_fails_clearly(tiny_tokenizer):
     settings = make_settings(lock_wait_s=0.5)
     with serving(settings, tiny_tokenizer) as first:
         with serving(settings, tiny_tokenizer, wait=False) as second:
-            import time
-
             deadline = time.monotonic() + 30
             while second.get("/health/ready").json()["status"] != "failed":
                 assert time.monotonic() < deadline
@@ -129,8 +134,6 @@ def test_tampered_journal_head_blocks_readiness(tiny_tokenizer):
     head["sha256"] = "0" * 64
     client.set(journal.key("head"), json.dumps(head))
     with serving(settings, tiny_tokenizer, wait=False) as c:
-        import time
-
         deadline = time.monotonic() + 30
         while (r := c.get("/health/ready")).json()["status"] != "failed":
             assert time.monotonic() < deadline
