@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 from fastapi.testclient import TestClient
 
 from editor_core.baselines import FTConfig, FTEditor
@@ -26,7 +25,6 @@ from service.settings import Settings
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
-torch.set_num_threads(1)  # 2 shared cores: oversubscribed intra-op threads are far slower
 
 _spec = importlib.util.spec_from_file_location("mend_tests_root_conftest", TESTS / "conftest.py")
 root_conftest = importlib.util.module_from_spec(_spec)
