@@ -20,9 +20,16 @@ class TokenBatch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), IGNORE outside target tokens; labels[t] is predicted at t-1
+    key_mask: torch.Tensor | None = None  # (B, T) bool: tokens whose gradient factors key an edit
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        key = self.key_mask.to(device) if self.key_mask is not None else None
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), key)
+
+    @property
+    def factor_mask(self) -> torch.Tensor:
+        """(B, T) bool: the tokens whose (x, delta) feed an edit: the key tokens, else every real token."""
+        return self.key_mask if self.key_mask is not None else self.attention_mask.bool()
 
     @property
     def target_mask(self) -> torch.Tensor:
@@ -38,26 +45,56 @@ def target_ids(tokenizer, target: str) -> list[int]:
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of a prompt, with the model's BOS when it uses one."""
-    ids = tokenizer(prompt.rstrip(" "), add_special_tokens=False)["input_ids"]
+    return prompt_ids_and_subject(tokenizer, prompt, None)[0]
+
+
+def prompt_ids_and_subject(tokenizer, prompt: str, subject: str | None) -> tuple[list[int], list[bool]]:
+    """Token ids of a prompt (with the model's BOS when it uses one) and which tokens spell ``subject``.
+
+    The flags are all False when no subject is given or it does not occur in the prompt.
+    """
+    text = prompt.rstrip(" ")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=subject is not None)
+    ids = list(enc["input_ids"])
+    flags = [False] * len(ids)
+    start = text.find(subject) if subject else -1
+    if start >= 0:
+        end = start + len(subject)
+        flags = [s < end and e > start for s, e in enc["offset_mapping"]]
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and getattr(tokenizer, "add_bos_token", False):
-        ids = [bos] + ids
-    return ids
+        ids, flags = [bos] + ids, [False] + flags
+    return ids, flags
 
 
-def build_batch(tokenizer, prompts: list[str], targets: list[str], max_len: int = 128) -> TokenBatch:
-    """Batch ``prompt + " " + target`` pairs; prompts are truncated from the left to fit ``max_len``."""
+def build_batch(
+    tokenizer,
+    prompts: list[str],
+    targets: list[str],
+    max_len: int = 128,
+    subjects: list[str | None] | None = None,
+) -> TokenBatch:
+    """Batch ``prompt + " " + target`` pairs; prompts are truncated from the left to fit ``max_len``.
+
+    With ``subjects``, ``key_mask`` marks each prompt's subject tokens; a row whose subject is missing
+    or not found in its prompt falls back to all of its real tokens.
+    """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if subjects is not None and len(subjects) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rows, labels = [], []
-    for prompt, target in zip(prompts, targets, strict=True):
+    rows, labels, keys = [], [], []
+    for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
         t_ids = target_ids(tokenizer, target)[: max_len - 1]
-        p_ids = prompt_ids(tokenizer, prompt)[-(max_len - len(t_ids)) :]
+        p_ids, flags = prompt_ids_and_subject(tokenizer, prompt, subjects[i] if subjects else None)
+        keep = max_len - len(t_ids)
+        p_ids, flags = p_ids[-keep:], flags[-keep:]
         rows.append(p_ids + t_ids)
         labels.append([IGNORE] * len(p_ids) + t_ids)
+        keys.append(flags + [False] * len(t_ids) if any(flags) else [True] * (len(p_ids) + len(t_ids)))
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -66,7 +103,12 @@ def build_batch(tokenizer, prompts: list[str], targets: list[str], max_len: int 
         ids[i, : len(r)] = torch.tensor(r)
         lab[i, : len(lb)] = torch.tensor(lb)
         mask[i, : len(r)] = 1
-    return TokenBatch(ids, mask, lab)
+    key_mask = None
+    if subjects is not None:
+        key_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, k in enumerate(keys):
+            key_mask[i, : len(k)] = torch.tensor(k)
+    return TokenBatch(ids, mask, lab, key_mask)
 
 
 def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from editor_core.config import MendConfig
 from editor_core.models import short_name
+from editor_core.targets import Target, resolve_targets
 
 WEIGHTS = "editor.safetensors"
 CONFIG = "editor_config.json"
@@ -42,6 +43,26 @@ def save(path: str | Path, config: MendConfig, state: dict[str, torch.Tensor], i
     doc = {"format_version": FORMAT_VERSION, "mend": config.to_dict(), **info}
     (out / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def read_config(path: str | Path) -> MendConfig:
+    """The MendConfig of a checkpoint, without reading its tensors."""
+    d = Path(path)
+    if not (d / CONFIG).is_file():
+        raise EditorCheckpointError(f"no editor checkpoint at {d} (expected {CONFIG})")
+    return MendConfig.from_dict(json.loads((d / CONFIG).read_text())["mend"])
+
+
+def stack_targets(model, editor_dir: str | Path | None) -> list[Target]:
+    """The weights an EditStack must cover: the editor's targets, or the family default without one.
+
+    Every caller that builds a stack for an editor goes through here, so the service, ``mend eval``
+    and the benchmarks agree on the targets and hence on the model fingerprint.
+    """
+    if editor_dir is None:
+        return resolve_targets(model)
+    cfg = read_config(editor_dir)
+    return resolve_targets(model, list(cfg.targets) or None, cfg.last_blocks, cfg.blocks)
 
 
 def load(path: str | Path) -> Checkpoint:

@@ -11,10 +11,15 @@ class MendConfig:
 
     targets: list[str] = field(default_factory=list)  # module names; empty = last `last_blocks` MLPs
     last_blocks: int = 3
+    blocks: list[int] = field(default_factory=list)  # explicit block indices (overrides last_blocks)
     rank: int = 384  # hidden width of each editor net's low-rank MLP
     n_blocks: int = 1  # residual blocks per editor net
     init_lr: float = 1e-4  # initial per-target edit step size
-    max_len: int = 64  # tokens per edit sequence (prompt truncated from the left)
+    max_len: int = 64
+    # "all": every token of the edit sequence feeds the factors (MEND as published); "subject": only the
+    # subject's tokens when the request names a subject found in the prompt (ROME-style keying),
+    # falling back to all tokens otherwise.
+    factor_tokens: str = "all"  # tokens per edit sequence (prompt truncated from the left)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -26,4 +31,7 @@ class MendConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown MendConfig keys: {sorted(unknown)}")
-        return cls(**data)
+        cfg = cls(**data)
+        if cfg.factor_tokens not in ("all", "subject"):
+            raise ValueError(f"factor_tokens must be 'all' or 'subject', got {cfg.factor_tokens!r}")
+        return cfg

@@ -75,12 +75,17 @@ class MendEditor:
             updates[t.name] = LowRankUpdate(u=-self.nets.lr(t.name) * delta_t, v=x_t)  # (N, d_out), (N, d_in)
         return updates
 
+    def factor_subjects(self, subjects: list[str | None]) -> list[str | None] | None:
+        """Subjects to key the factors on, per ``config.factor_tokens`` (None = all tokens)."""
+        return subjects if self.config.factor_tokens == "subject" else None
+
     def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
         """One forward/backward on the edit prompts, then the editor nets; the model is untouched."""
         if not requests:
             raise ValueError("no edit requests")
         batch = build_batch(
-            tokenizer, [r.prompt for r in requests], [r.target for r in requests], self.config.max_len
+            tokenizer, [r.prompt for r in requests], [r.target for r in requests], self.config.max_len,
+            subjects=self.factor_subjects([r.subject for r in requests]),
         ).to(_device_of(model))
         factors = capture_factors(model, self.targets, batch)
         with torch.no_grad():

@@ -299,8 +299,6 @@ def _run(args) -> int:
     from editor_core.baselines import FTConfig, make_baseline
     from editor_core.data import load_records
     from editor_core.stack import EditStack
-    from editor_core.targets import resolve_targets
-
     try:
         records = load_records(args.data, args.format, args.limit)
     except (FileNotFoundError, ValueError) as err:
@@ -325,12 +323,7 @@ def _run(args) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise _UsageError(f"--model: {err}") from err
     model, tokenizer = loaded.model, loaded.tokenizer
-    if ckpt is not None:
-        cfg = ckpt.config
-        targets = resolve_targets(model, list(cfg.targets) or None, last_blocks=cfg.last_blocks)
-    else:
-        targets = resolve_targets(model)
-    stack = EditStack(model, targets)
+    stack = EditStack(model, checkpoint.stack_targets(model, editor_dir if ckpt is not None else None))
     editor = None
     if args.method == "mend":
         from editor_core.editor import MendEditor
@@ -347,7 +340,7 @@ def _run(args) -> int:
     report.meta = {
         "model": args.model, "model_source": loaded.source, "data": str(args.data), "format": args.format,
         "editor": str(editor_dir) if editor_dir else None, "device": args.device, "dtype": args.dtype,
-        "targets": [t.name for t in targets],
+        "targets": list(stack.targets),
     }
     print(format_table(report))
     if args.json:

@@ -64,7 +64,7 @@ def capture_factors(
     run: Callable[[], torch.Tensor] | None = None,
     loss_fn: Callable[[torch.Tensor, TokenBatch], torch.Tensor] = mean_target_nll,
 ) -> TokenFactors:
-    """One forward/backward of the edit loss; returns (x, delta) for every real token of ``batch``.
+    """One forward/backward of the edit loss; returns (x, delta) for the factor tokens of ``batch``.
 
     ``run`` returns logits (B, T, V) for ``batch``; by default the full model on its ids (pass a tail
     runner to start from cached prefix states). Model parameters get no ``.grad``.
@@ -78,7 +78,7 @@ def capture_factors(
         loss = loss_fn(logits, batch)
         outputs = [seen[t.name][1] for t in targets]
         grads = torch.autograd.grad(loss, outputs)
-    real = batch.attention_mask.bool()  # (B, T); padding carries no gradient, drop it
+    real = batch.factor_mask  # (B, T): key tokens (or all real tokens); padding carries no gradient
     row = torch.arange(real.shape[0], device=real.device).unsqueeze(1).expand_as(real)[real]  # (N,)
     xs, deltas = {}, {}
     for t, g in zip(targets, grads, strict=True):

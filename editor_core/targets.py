@@ -69,14 +69,23 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
 
 
 def resolve_targets(
-    model: nn.Module, names: list[str] | None = None, last_blocks: int = DEFAULT_LAST_BLOCKS
+    model: nn.Module,
+    names: list[str] | None = None,
+    last_blocks: int = DEFAULT_LAST_BLOCKS,
+    blocks: list[int] | None = None,
 ) -> list[Target]:
-    """Targets by explicit module names, or the MLP matrices of the last ``last_blocks`` blocks."""
+    """Targets by explicit module names, else the MLP matrices of ``blocks`` or the last ``last_blocks``."""
     spec = family_of(model)
     n_blocks = len(blocks_of(model))
-    if names is None:
-        first = max(0, n_blocks - last_blocks)
-        names = [f"{spec.blocks}.{b}.{m}" for b in range(first, n_blocks) for m in spec.mlp]
+    if not names:
+        if blocks:
+            bad = [b for b in blocks if not 0 <= b < n_blocks]
+            if bad:
+                raise ValueError(f"blocks {bad} out of range: the model has {n_blocks} blocks")
+            chosen = sorted(set(blocks))
+        else:
+            chosen = list(range(max(0, n_blocks - last_blocks), n_blocks))
+        names = [f"{spec.blocks}.{b}.{m}" for b in chosen for m in spec.mlp]
     targets = []
     for name in names:
         try:

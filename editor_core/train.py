@@ -62,6 +62,7 @@ class TrainConfig:
     dtype: str = "float32"
     prefix_cache: bool = True
     limit: int | None = None  # read at most this many records per file
+    init_from: str | None = None  # continue from this checkpoint's nets (its MendConfig wins)
     mend: MendConfig = field(default_factory=MendConfig)
 
 
@@ -88,10 +89,16 @@ class EditorTrainer:
 
     def __init__(self, cfg: TrainConfig, lm: models.LoadedModel):
         self.cfg, self.model, self.tok = cfg, lm.model, lm.tokenizer
-        targets = resolve_targets(self.model, cfg.mend.targets or None, cfg.mend.last_blocks)
+        start = checkpoint.load(cfg.init_from) if cfg.init_from else None
+        if start is not None:
+            cfg.mend = start.config
+        targets = resolve_targets(self.model, cfg.mend.targets or None, cfg.mend.last_blocks, cfg.mend.blocks)
         cfg.mend.targets = [t.name for t in targets]
         self.stack = EditStack(self.model, targets)  # only for the fingerprint; never applied to
         self.editor = MendEditor.untrained(self.stack, cfg.mend)
+        if start is not None:
+            self.editor.nets.load_state_dict(start.state)
+            log.info("continuing from %s", cfg.init_from)
         self.first = min(t.block for t in targets)
         self.cache = PrefixStateCache(self.model, self.first, enabled=cfg.prefix_cache)
         nets = self.editor.nets.to(cfg.device)
@@ -105,8 +112,10 @@ class EditorTrainer:
 
     def _edit_updates(self, records: list[EditRecord]):
         """Editor output for one batched edit of ``records`` (differentiable in the editor)."""
-        edit = _pairs_batch(self.tok, [(r.prompt, r.target_new) for r in records], self.cfg.mend.max_len)
-        edit = edit.to(self.cfg.device)
+        edit = build_batch(
+            self.tok, [r.prompt for r in records], [r.target_new for r in records], self.cfg.mend.max_len,
+            subjects=self.editor.factor_subjects([r.subject for r in records]),
+        ).to(self.cfg.device)
         states = self.cache.states(edit)
         factors = capture_factors(
             self.model, self.editor.targets, edit,
@@ -190,25 +199,30 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
     log.info("unedited model on val: %s", _fmt(baseline))
     best, bad_rounds, rng = -1.0, 0, random.Random(cfg.seed)
     t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(range(1, cfg.steps + 1), desc="mend train", unit="step")
-    for step in bar:
-        batch = rng.sample(train_recs, min(cfg.edits_per_step, len(train_recs)))
-        stats = trainer.step(batch)
-        history["train"].append({"step": step, **stats})
-        bar.set_postfix(edit=f"{stats['edit_nll']:.2f}", kl=f"{stats['loc_kl']:.3f}")
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            val = trainer.validate(val_recs)
-            history["val"].append({"step": step, "elapsed_s": time.perf_counter() - t0, **val})
-            log.info("step %d val %s", step, _fmt(val))
-            if val["score"] > best:
-                best, bad_rounds = val["score"], 0
-                _save(out, cfg, trainer, {"step": step, "val": val, "unedited_val": baseline,
-                                          "wall_s": time.perf_counter() - t0})
-            else:
-                bad_rounds += 1
-                if bad_rounds >= cfg.patience:
-                    log.info("early stop at step %d (no improvement in %d validations)", step, bad_rounds)
-                    break
+    try:
+        for step in bar:
+            batch = rng.sample(train_recs, min(cfg.edits_per_step, len(train_recs)))
+            stats = trainer.step(batch)
+            history["train"].append({"step": step, **stats})
+            bar.set_postfix(edit=f"{stats['edit_nll']:.2f}", kl=f"{stats['loc_kl']:.3f}")
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                val = trainer.validate(val_recs)
+                history["val"].append({"step": step, "elapsed_s": time.perf_counter() - t0, **val})
+                (out / "history.json").write_text(json.dumps(history))
+                log.info("step %d val %s", step, _fmt(val))
+                if val["score"] > best:
+                    best, bad_rounds = val["score"], 0
+                    _save(out, cfg, trainer, {"step": step, "val": val, "unedited_val": baseline,
+                                              "wall_s": time.perf_counter() - t0})
+                else:
+                    bad_rounds += 1
+                    if bad_rounds >= cfg.patience:
+                        log.info("early stop at step %d (no improvement in %d validations)", step, bad_rounds)
+                        break
+    except KeyboardInterrupt:  # Ctrl-C (or SIGINT from a time limit) keeps the best checkpoint
+        log.warning("interrupted after %d steps; keeping the best checkpoint so far", len(history["train"]))
     history["wall_s"] = time.perf_counter() - t0
     history["step_s"] = history["wall_s"] / max(1, len(history["train"]))
     history["prefix_cache"] = {"entries": len(trainer.cache), "hits": trainer.cache.hits,
@@ -250,22 +264,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-blocks", type=int, default=m.n_blocks)
     p.add_argument("--init-lr", type=float, default=m.init_lr)
     p.add_argument("--last-blocks", type=int, default=m.last_blocks)
+    p.add_argument("--blocks", type=int, nargs="*", default=None, help="edit the MLPs of these blocks")
     p.add_argument("--targets", nargs="*", default=None, help="module names to edit (overrides --last-blocks)")
+    p.add_argument("--factor-tokens", default=m.factor_tokens, choices=["all", "subject"],
+                   help="which tokens' gradient factors form the edit")
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's editor (and its config)")
     p.add_argument("--no-prefix-cache", action="store_true", help="recompute the frozen prefix every step")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig a parsed ``mend train`` command line stands for."""
-    mend = MendConfig(targets=args.targets or [], last_blocks=args.last_blocks, rank=args.rank,
-                      n_blocks=args.n_blocks, init_lr=args.init_lr)
+    mend = MendConfig(targets=args.targets or [], last_blocks=args.last_blocks, blocks=args.blocks or [], rank=args.rank,
+                      n_blocks=args.n_blocks, init_lr=args.init_lr,
+                      factor_tokens=args.factor_tokens)
     return TrainConfig(
         model=args.model, data=list(args.data), format=args.format, out=args.out, val_size=args.val_size,
         edits_per_step=args.edits_per_step, steps=args.steps, lr=args.lr, lr_lr=args.lr_lr,
         c_edit=args.c_edit, c_loc=args.c_loc, val_every=args.val_every, patience=args.patience,
         seed=args.seed, device=args.device, dtype=args.dtype, prefix_cache=not args.no_prefix_cache,
-        limit=args.limit, mend=mend,
+        limit=args.limit, init_from=args.init_from, mend=mend,
     )
 
 

@@ -22,8 +22,8 @@ from typing import Any
 import redis
 import torch
 
+from editor_core.checkpoint import stack_targets
 from editor_core.stack import EditStack
-from editor_core.targets import resolve_targets
 from service.engine import EditEngine
 from service.journal import Journal
 from service.metrics import Metrics
@@ -48,6 +48,14 @@ def default_loader(settings: Settings):
     return load(settings.model, device=settings.device, dtype=dtype, cache_dir=settings.model_cache)
 
 
+def mend_editor_dir(settings: Settings) -> Path | None:
+    """The MEND checkpoint to serve: MEND_EDITOR_DIR, else the editor shipped for the model, if any."""
+    from editor_core.checkpoint import default_editor_dir
+
+    editor_dir = settings.editor_dir or default_editor_dir(settings.model)
+    return Path(editor_dir) if editor_dir is not None and Path(editor_dir).exists() else None
+
+
 def default_editors(stack: EditStack, model, tokenizer, settings: Settings) -> dict[str, Any]:
     """FT always; MEND only when a trained editor exists for this model."""
     editors: dict[str, Any] = {}
@@ -57,15 +65,8 @@ def default_editors(stack: EditStack, model, tokenizer, settings: Settings) -> d
         editors["ft"] = FTEditor(stack, FTConfig())
     except ImportError as err:
         editors["ft"] = f"the ft editor is not available in this build ({err})"
-    editor_dir = settings.editor_dir
+    editor_dir = mend_editor_dir(settings)
     if editor_dir is None:
-        try:
-            from editor_core.checkpoint import default_editor_dir
-
-            editor_dir = default_editor_dir(settings.model)
-        except ImportError:
-            editor_dir = None
-    if editor_dir is None or not Path(editor_dir).exists():
         editors["mend"] = (
             f"no trained MEND editor for model {settings.model!r}: train one with `mend train` and point "
             "MEND_EDITOR_DIR at it, or use method 'ft'"
@@ -143,7 +144,8 @@ class Runtime:
             model, tokenizer = loaded.model, loaded.tokenizer
             model.eval()
             self.model_source = str(getattr(loaded, "source", s.model))
-            stack = EditStack(model, resolve_targets(model))
+            # the stack covers the MEND editor's targets (they fix the fingerprint and journal namespace)
+            stack = EditStack(model, stack_targets(model, mend_editor_dir(s)))
             self.journal = Journal(self.client, stack.fingerprint, s.redis_prefix)
             self._phase("locking")
             self.lock = WriterLock(self.client, self.journal.lock_key, s.lock_ttl_ms)
@@ -153,7 +155,7 @@ class Runtime:
             editors = {m: e for m, e in made.items() if not isinstance(e, str)}
             unavailable = {m: e for m, e in made.items() if isinstance(e, str)}
             self.engine = EditEngine(model, tokenizer, stack, editors, self.journal, self.lock,
-                                     self.metrics, unavailable)
+                                     self.metrics, unavailable, max_update_ratio=s.max_update_ratio)
             self._phase("replaying")
             self.engine.replay()
             self.worker = ModelWorker(self.engine.answer, max_batch=s.max_batch_size,

@@ -46,3 +46,19 @@ def test_batched_delta_has_one_rank_per_token(tiny_llama, tiny_tokenizer, facts)
     delta = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
     n_tok = int(build_batch(tiny_tokenizer, [r.prompt for r in reqs], [r.target for r in reqs]).attention_mask.sum())
     assert {u.rank for u in delta.updates.values()} == {n_tok}
+
+
+def test_subject_keyed_factors_use_only_subject_tokens(tiny_llama, tiny_tokenizer, facts):
+    from editor_core.batching import build_batch as bb
+
+    f = facts[0]
+    batch = bb(tiny_tokenizer, [f["prompt"]], [f["target_new"]], subjects=[f["subject"]])
+    picked = batch.input_ids[batch.key_mask]
+    assert tiny_tokenizer.decode(picked).strip() == f["subject"]
+    missing = bb(tiny_tokenizer, [f["prompt"]], [f["target_new"]], subjects=["Nobody Here"])
+    assert torch.equal(missing.key_mask, missing.attention_mask.bool())  # falls back to all tokens
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, factor_tokens="subject"))
+    delta = editor.compute_delta(tiny_llama, tiny_tokenizer, [EditRequest(f["prompt"], f["target_new"], f["subject"])])
+    assert {u.rank for u in delta.updates.values()} == {int(batch.key_mask.sum())}
