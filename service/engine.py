@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import redis
 from torch import nn
 
 from editor_core.delta import EditDelta
@@ -19,6 +23,7 @@ from editor_core.protocol import Editor
 from editor_core.requests import EditRequest
 from editor_core.scoring import score_targets, target_probability
 from editor_core.stack import EditStack, NonFiniteEditError
+from editor_core.targets import weight_param
 from service.errors import (
     AlreadyRolledBackError,
     EditNotFoundError,
@@ -29,7 +34,7 @@ from service.errors import (
     WriterUnavailableError,
 )
 from service.inference import QueryJob, run_queries
-from service.journal import Journal, utc_now
+from service.journal import Head, Journal, utc_now
 from service.metrics import Metrics
 from service.writer_lock import WriterLock
 
@@ -41,11 +46,27 @@ ROLLBACK_NOTE = (
 )
 
 
+@dataclass
+class _Unsure:
+    """An op whose journal write failed on a lost connection: Redis may have committed it anyway.
+
+    The weights were put back as if it had not; the next write looks at the journal head and, if the
+    op is there, ``redo`` applies it again so that the weights and the journal agree.
+    """
+
+    op: str
+    edit_id: str
+    version: int
+    sha256: str
+    redo: Callable[[], None]
+
+
 class EditEngine:
     """Answers queries and applies/journals/reverts edits on one loaded model."""
 
     def __init__(self, model: nn.Module, tokenizer, stack: EditStack, editors: dict[str, Editor],
-                 journal: Journal, lock: WriterLock, metrics: Metrics, unavailable: dict[str, str]):
+                 journal: Journal, lock: WriterLock, metrics: Metrics, unavailable: dict[str, str],
+                 max_update_ratio: float | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.stack = stack
@@ -54,7 +75,10 @@ class EditEngine:
         self.journal = journal
         self.lock = lock
         self.metrics = metrics
+        self.max_update_ratio = max_update_ratio
         self.version = 0
+        self.sha256: str | None = None  # targets' sha256 at ``version`` (None until replayed)
+        self._unsure: _Unsure | None = None
 
     # ---- startup -------------------------------------------------------------------------------
     def replay(self) -> int:
@@ -69,6 +93,7 @@ class EditEngine:
                 f"replaying {len(edits)} edits gave targets sha256 {sha[:16]}..., the journal head "
                 f"(version {plan.head.version}) recorded {plan.head.sha256[:16]}..."
             )
+        self.sha256 = sha
         self._set_version(plan.head.version)
         log.info("journal replayed", extra={"version": self.version, "active_edits": len(edits), "sha256": sha})
         return self.version
@@ -90,21 +115,27 @@ class EditEngine:
         if editor is None:
             raise EditorUnavailableError(self.unavailable.get(method, f"method {method!r} is not available"),
                                          method=method, available=sorted(self.editors))
-        self._check_writer()
+        self._ensure_writer()
         reqs = [EditRequest(r["prompt"], r["target"], r.get("subject"), tuple(r.get("rephrases") or ()))
                 for r in requests]
         prompts, targets = [r.prompt for r in reqs], [r.target for r in reqs]
         before = score_targets(self.model, self.tokenizer, prompts, targets)
         delta = editor.compute_delta(self.model, self.tokenizer, reqs)
+        self._check_magnitude(delta)
         blob = delta.to_bytes()
         edit_id = uuid.uuid4().hex
         version = self.version + 1
         try:
             self.stack.apply(edit_id, delta)
         except NonFiniteEditError as err:
-            raise EditRejectedError(str(err)) from err
+            raise EditRejectedError(f"{err}; nothing was applied or journaled") from err
         try:
             after = score_targets(self.model, self.tokenizer, prompts, targets)
+            broken = [r.prompt for r, a in zip(reqs, after, strict=True) if not math.isfinite(a.mean_logprob)]
+            if broken:
+                raise EditRejectedError(
+                    f"the edited model scores the targets of {broken!r} as non-finite (the update explodes "
+                    "the activations); the edit was refused, nothing was applied or journaled")
             results = [
                 {"prompt": r.prompt, "target": r.target,
                  "p_target_before": target_probability(b), "p_target_after": target_probability(a),
@@ -120,10 +151,16 @@ class EditEngine:
                 "rank": {n: u.rank for n, u in delta.updates.items()}, "latency_ms": latency_ms,
                 "rolled_back": None,
             }
-            self.journal.append_edit(record, blob, self.lock)  # durable before we answer
+            try:
+                self.journal.append_edit(record, blob, self.lock)  # durable before we answer
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._unsure = _Unsure("edit", edit_id, version, record["sha256"],
+                                       lambda: self.stack.apply(edit_id, delta))
+                raise
         except BaseException:
             self.stack.revert(edit_id)
             raise
+        self.sha256 = record["sha256"]
         self._set_version(version)
         self.metrics.edits_applied.labels(method=method).inc()
         self.metrics.edit_seconds.observe(latency_ms / 1000.0)
@@ -160,17 +197,21 @@ class EditEngine:
             raise EditNotFoundError(f"edit {edit_id!r} is not in the journal", edit_id=edit_id)
         if record["status"] == "rolled_back" or edit_id not in self.stack.active_ids:
             raise AlreadyRolledBackError(f"edit {edit_id!r} is already rolled back", edit_id=edit_id)
-        self._check_writer()
+        self._ensure_writer()
         active = self.stack.active_ids
         dependents = active[active.index(edit_id) + 1:]
         previous = [(i, self.stack.delta_of(i)) for i in active]
         version = self.version + 1
         self.stack.revert(edit_id)
+        sha = self.stack.sha256()
         try:
-            self.journal.append_rollback(edit_id, version, self.stack.sha256(), author, dependents, self.lock)
-        except BaseException:
+            self.journal.append_rollback(edit_id, version, sha, author, dependents, self.lock)
+        except BaseException as err:
             self.stack.rebuild(previous)
+            if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+                self._unsure = _Unsure("rollback", edit_id, version, sha, lambda: self.stack.revert(edit_id))
             raise
+        self.sha256 = sha
         self._set_version(version)
         self.metrics.edits_rolled_back.inc()
         log.info("edit rolled back", extra={"edit_id": edit_id, "version": version, "author": author,
@@ -182,9 +223,55 @@ class EditEngine:
         return out
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _check_writer(self) -> None:
-        if self.lock.lost:
-            raise WriterUnavailableError("this instance lost the journal's writer lock; restart it to edit")
+    def _ensure_writer(self) -> None:
+        """Before computing anything: Redis answers (a redis error here is a fast 503), this instance
+        holds the writer lock (taken again if it merely expired, e.g. while Redis was down), and the
+        journal head is the version these weights are at."""
+        if not self.lock.owned():
+            if not self.lock.try_reacquire():
+                self.lock.lost = True
+                raise WriterUnavailableError(
+                    "another instance holds the journal's writer lock; this one serves queries only "
+                    "(send edits to the lock holder, or restart this one to take over once the lock is free)")
+        else:
+            self.lock.lost = False
+        head = self.journal.head()
+        if self._unsure is not None:
+            self._settle(self._unsure, head)
+        if head.version != self.version:
+            raise WriterUnavailableError(
+                f"the journal is at version {head.version} but this instance's weights are at {self.version} "
+                "(another writer moved it on); restart this instance to replay the journal; nothing was applied")
+
+    def _settle(self, unsure: _Unsure, head: Head) -> None:
+        """Redo an op whose journal write looked failed but did commit (seen at the head)."""
+        self._unsure = None
+        if head.version != unsure.version or head.edit_id != unsure.edit_id:
+            log.info("unconfirmed journal write had not committed", extra={"op": unsure.op,
+                                                                          "edit_id": unsure.edit_id})
+            return
+        unsure.redo()
+        if self.stack.sha256() != unsure.sha256:
+            raise JournalMismatchError(f"re-applying committed {unsure.op} {unsure.edit_id} did not give the "
+                                       "journal's sha256; restart this instance to replay the journal")
+        self.sha256 = unsure.sha256
+        self._set_version(unsure.version)
+        log.warning("journal write reported failed had committed; applied it", extra={
+            "op": unsure.op, "edit_id": unsure.edit_id, "version": unsure.version})
+
+    def _check_magnitude(self, delta: EditDelta) -> None:
+        """Refuse an exploding update: ||dW||_F above ``max_update_ratio`` * ||W||_F on any target."""
+        if self.max_update_ratio is None:
+            return
+        for name, upd in delta.updates.items():
+            weight = weight_param(self.model, self.stack.targets[name]).detach().float()
+            dw = upd.dense()  # (d_out, d_in)
+            ratio = float(dw.norm()) / max(float(weight.norm()), 1e-12)
+            if not math.isfinite(ratio) or ratio > self.max_update_ratio:
+                raise EditRejectedError(
+                    f"the edit's update of {name!r} has norm {ratio:.3g} times the weight's "
+                    f"(max_update_ratio={self.max_update_ratio:g}): refused as exploding, nothing was applied "
+                    "or journaled", target=name, ratio=ratio if math.isfinite(ratio) else None)
 
     def _set_version(self, version: int) -> None:
         self.version = version

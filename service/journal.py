@@ -38,6 +38,7 @@ class Head:
 
     version: int
     sha256: str | None
+    edit_id: str | None = None  # the edit the latest op wrote or rolled back
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Journal:
         if raw is None:
             return Head(0, None)
         data = json.loads(raw)
-        return Head(int(data["version"]), data.get("sha256"))
+        return Head(int(data["version"]), data.get("sha256"), data.get("edit_id"))
 
     def get_edit(self, edit_id: str) -> dict | None:
         """The JSON record of one edit, or None."""

@@ -119,7 +119,10 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, err: redis.RedisError):
         log.error("redis error", extra={"error": str(err), "path": request.url.path})
-        return _error_response(503, "journal_unavailable", "the journal (Redis) is unavailable; nothing was applied")
+        return _error_response(503, "journal_unavailable", "the journal (Redis) is unavailable; nothing was applied "
+                               "(if Redis went away during the journal write itself, the write may have landed: "
+                               "this instance then applies it before its next write; a retry with the same "
+                               "idempotency_key returns it)")
 
     @app.middleware("http")
     async def observe(request: Request, call_next):

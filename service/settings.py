@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     max_candidates: int = Field(16, ge=0, description="most candidates scored per query")
     max_body_bytes: int = Field(262144, ge=1024, description="largest request body (bytes)")
     max_page_size: int = Field(200, ge=1, description="largest page of GET /edits")
+    max_update_ratio: float = Field(
+        10.0, gt=0, description="refuse an edit whose update of any target has a Frobenius norm above this "
+                                 "many times the weight's (an exploding edit)")
 
     @field_validator("redis_url", "editor_dir", "model_cache", "torch_threads", mode="before")
     @classmethod

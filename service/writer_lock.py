@@ -67,6 +67,17 @@ class WriterLock:
                 warned = True
             time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
 
+    def try_reacquire(self) -> bool:
+        """Take the lock again if it is free (it expired, e.g. while Redis was down); never waits.
+
+        The caller must check that the journal did not move meanwhile before writing again.
+        """
+        if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            log.warning("writer lock re-acquired after it expired", extra={"lock": self.key})
+            self.lost = False
+            return True
+        return False
+
     def owned(self) -> bool:
         """Whether Redis says we hold the lock right now."""
         value = self.client.get(self.key)
@@ -76,7 +87,8 @@ class WriterLock:
         """Extend the expiry; False (and ``lost``) when someone else owns it or it expired."""
         ok = bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
         if not ok and not self.lost:
-            log.error("writer lock lost; edits are refused until restart", extra={"lock": self.key})
+            log.error("writer lock lost (expired or taken over); edits are refused until it is free again and "
+                      "the journal has not moved", extra={"lock": self.key})
             self.lost = True
         return ok
 

@@ -6,6 +6,7 @@ import asyncio
 from concurrent.futures import Future
 
 from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
 from service.errors import NotReadyError
 from service.runtime import Runtime
@@ -21,6 +22,9 @@ def ready_runtime(request: Request) -> Runtime:
     runtime = get_runtime(request)
     if not runtime.ready:
         detail = f"service is {runtime.status.phase}"
+        if runtime.status.phase == "locking":
+            detail += (": another instance holds the journal's writer lock; this one waits as a standby and "
+                       "takes over when that lock is released or expires")
         if runtime.status.error:
             detail += f": {runtime.status.error}"
         raise NotReadyError(detail)
@@ -39,3 +43,9 @@ async def await_worker(fut: Future, timeout_s: float, what: str):
         fut.cancel()
         raise HTTPException(status_code=504, detail=f"{what} timed out after {timeout_s:g}s "
                                                     "waiting for the model worker") from None
+
+
+async def journal_reachable(runtime: Runtime) -> None:
+    """Fail fast (redis error -> 503 journal_unavailable) when Redis is down, before a write is queued
+    behind other jobs or any edit is computed."""
+    await run_in_threadpool(runtime.client.ping)

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import AdminPrincipal, EditorPrincipal, require
-from service.api.deps import await_worker, ready_runtime
+from service.api.deps import await_worker, journal_reachable, ready_runtime
 from service.errors import EditNotFoundError
 from service.schemas import EditIn, EditOut, EditPage, RollbackIn, RollbackOut, check_edit_limits
 
@@ -25,6 +25,7 @@ async def edit(body: EditIn, request: Request, who: EditorPrincipal) -> dict:
     """
     runtime = ready_runtime(request)
     check_edit_limits(body, runtime.settings)
+    await journal_reachable(runtime)
     requests = [r.model_dump() for r in body.requests]
     engine = runtime.engine
     fut = runtime.worker.submit_exclusive(
@@ -41,6 +42,7 @@ async def rollback(body: RollbackIn, request: Request, who: AdminPrincipal) -> d
     ``dependents`` and the ``note`` says so.
     """
     runtime = ready_runtime(request)
+    await journal_reachable(runtime)
     engine = runtime.engine
     fut = runtime.worker.submit_exclusive(lambda: engine.rollback(body.edit_id, who.name))
     return await await_worker(fut, runtime.settings.edit_timeout_s, "rollback")

@@ -29,6 +29,7 @@ def ready(request: Request):
         "version": engine.version,
         "model": runtime.settings.model,
         "fingerprint": engine.stack.fingerprint,
+        "sha256": engine.sha256,  # targets' sha256 as written at ``version`` (compare with the journal head)
         "active_edits": len(engine.stack.active_ids),
         "methods": sorted(engine.editors),
         "unavailable_methods": engine.unavailable,
