@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown report to write")
     p.add_argument("--model", default="smollm2-135m", help="model alias, local dir or GGUF file")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="EasyEdit CounterFact file (records to edit)")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads in the benchmark and the served processes (default 1, see BENCHMARKS.md)")
 
 
 def selected(only: list[str] | None) -> list[str]:

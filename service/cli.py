@@ -84,10 +84,20 @@ def prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_module():
+    """bench.runner, importable from the repository checkout (bench/ is not an installed package)."""
+    try:
+        return importlib.import_module("bench.runner")
+    except ImportError:
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        return importlib.import_module("bench.runner")
+
+
 def bench(args: argparse.Namespace) -> int:
-    """Placeholder until the benchmarks exist."""
-    log.error("benchmarks are not built yet (see bench/); nothing was run")
-    return 2
+    """Run the benchmarks (bench/) and write the markdown report."""
+    return _bench_module().run(args)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -108,7 +118,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             mod.add_arguments(p)
             p.set_defaults(func=mod.run)
 
-    p = sub.add_parser("bench", help="benchmarks (not built yet)")
+    p = sub.add_parser("bench", help="benchmarks: edit/query/journal/replay/rollback/training/memory figures "
+                       "written to docs/BENCHMARKS.md")
+    if command == "bench":
+        _bench_module().add_arguments(p)
     p.set_defaults(func=bench)
 
     p = sub.add_parser("prepare-model", help="load the model once to fill its safetensors cache")
