@@ -154,14 +154,16 @@ class BenchContext:
     """
 
     def __init__(self, model: str = "smollm2-135m", data: Path | str | None = DEFAULT_DATA,
-                 quick: bool = False, torch_threads: int | None = None, workdir: Path | None = None):
+                 quick: bool = False, torch_threads: int | None = None, workdir: Path | None = None,
+                 sizes: Sizes | None = None):
         self.model_spec = model
         self.data_path = Path(data) if data else None
         self.quick = quick
-        self.sizes = QUICK if quick else FULL
+        self.sizes = sizes or (QUICK if quick else FULL)
         # One thread by default: on a 2-core machine shared with other jobs, torch's 2-thread parallel
         # regions stall whenever the other core is busy (a 3.5 MB add took 11 ms instead of 0.5 ms).
         self.torch_threads = torch_threads or 1
+        self._prev_threads = torch.get_num_threads()
         torch.set_num_threads(self.torch_threads)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mend-bench-"))
@@ -255,6 +257,7 @@ class BenchContext:
             self._redis.stop()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        torch.set_num_threads(self._prev_threads)
 
 
 # ---- synthesized journals (figures 4, 5, 7) ---------------------------------------------------
