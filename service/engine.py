@@ -264,14 +264,17 @@ class EditEngine:
         if self.max_update_ratio is None:
             return
         for name, upd in delta.updates.items():
-            weight = weight_param(self.model, self.stack.targets[name]).detach().float()
-            dw = upd.dense()  # (d_out, d_in)
-            ratio = float(dw.norm()) / max(float(weight.norm()), 1e-12)
+            weight = weight_param(self.model, self.stack.targets[name]).detach().double()
+            dw = upd.dense()  # (d_out, d_in) fp32, as the stack adds it
+            if not bool(dw.isfinite().all()):
+                raise EditRejectedError(f"the edit's update of {name!r} is non-finite (NaN or inf): refused, "
+                                        "nothing was applied or journaled", target=name)
+            ratio = float(dw.double().norm()) / max(float(weight.norm()), 1e-12)
             if not math.isfinite(ratio) or ratio > self.max_update_ratio:
                 raise EditRejectedError(
                     f"the edit's update of {name!r} has norm {ratio:.3g} times the weight's "
                     f"(max_update_ratio={self.max_update_ratio:g}): refused as exploding, nothing was applied "
-                    "or journaled", target=name, ratio=ratio if math.isfinite(ratio) else None)
+                    "or journaled", target=name, ratio=ratio)
 
     def _set_version(self, version: int) -> None:
         self.version = version
