@@ -323,6 +323,7 @@ def journal_with(ctx: BenchContext, n: int) -> str:
     journal = Journal(ctx.client(), stack.fingerprint, prefix)
     lock = WriterLock(ctx.client(), journal.lock_key, 60000)
     lock.acquire()
+    lock.start_heartbeat()  # building can outlast the ttl
     deltas = synthetic_deltas(ctx)
     reqs = ctx.edit_requests(8)
     t0 = time.perf_counter()

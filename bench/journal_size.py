@@ -41,6 +41,7 @@ def run(ctx: BenchContext) -> Figure:
     journal = Journal(client, stack.fingerprint, f"bench-size-{uuid.uuid4().hex[:6]}")
     lock = WriterLock(client, journal.lock_key, 60000)
     lock.acquire()
+    lock.start_heartbeat()  # building can outlast the ttl
     engine = EditEngine(lm.model, lm.tokenizer, stack, {"mend": editor}, journal, lock, Metrics(), {})
     per_edit, blob_len, factor_bytes, record_len, ranks, dense = [], [], [], [], [], []
     try:

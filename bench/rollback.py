@@ -63,6 +63,7 @@ def run(ctx: BenchContext) -> Figure:
             journal = Journal(ctx.client(), stack.fingerprint, prefix)
             lock = WriterLock(ctx.client(), journal.lock_key, 60000)
             lock.acquire(wait_s=10)
+            lock.start_heartbeat()
             locks.append(lock)
             engine = EditEngine(model, lm.tokenizer, stack, {"mend": _Replayer(deltas)}, journal, lock, Metrics(), {})
             engine.replay()
