@@ -29,10 +29,13 @@ serve: setup
 	$(BIN)/mend serve
 
 lint: setup
-	$(BIN)/ruff check editor_core service tests bench
+	$(BIN)/ruff check editor_core service tests bench tools
 
 bench: setup
 	$(BIN)/mend bench
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
+
+results: setup
+	$(BIN)/python -m tools.results --full

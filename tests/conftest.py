@@ -30,6 +30,11 @@ def _corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in memory on the fixture facts (no hub, no files)."""
+    return make_tiny_tokenizer()
+
+
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The tokenizer behind the ``tiny_tokenizer`` fixture, for scripts and non-fixture helpers."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -42,9 +47,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+def make_tiny_llama(vocab_size: int, seed: int = 0, init_range: float = 0.02) -> LlamaForCausalLM:
+    """A 4-block llama; a larger ``init_range`` lets its 32-dim head express confident predictions."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = LlamaConfig(initializer_range=init_range,
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
     )

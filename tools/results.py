@@ -1,0 +1,164 @@
+"""Regenerate docs/RESULTS.md: unedited vs FT vs FT+KL vs MEND on CounterFact, batched and sequential.
+
+    python -m tools.results [--data ../shared/data/counterfact-val.json] [--compare 50] [--full]
+
+Everything is measured in this one run on this machine; the markdown states the command, the date,
+the machine and the record counts next to every table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from editor_core import checkpoint, models
+from editor_core.baselines import FTConfig, make_baseline
+from editor_core.data import load_records
+from editor_core.editor import MendEditor
+from editor_core.evaluate import METRICS, EvalReport, evaluate
+from editor_core.stack import EditStack
+
+log = logging.getLogger("results")
+
+
+def _cell(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _row(name: str, metrics: dict, report: EvalReport | None) -> str:
+    ms = "" if report is None else f"{report.edit_ms['median']:.0f} / {report.edit_ms['p95']:.0f}"
+    return "| " + " | ".join([name, *(_cell(metrics.get(m)) for m in METRICS), ms]) + " |"
+
+
+def _table(rows: list[str]) -> str:
+    head = "| method | " + " | ".join(METRICS) + " | edit_ms p50 / p95 |"
+    sep = "|" + "---|" * (len(METRICS) + 2)
+    return "\n".join([head, sep, *rows])
+
+
+def _plot(batched: dict[int, EvalReport], sequential: dict[int, EvalReport], unedited_ns: float, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, reps, style in (("batched", batched, "-o"), ("sequential", sequential, "--s")):
+        ns = sorted(reps)
+        ax.plot(ns, [reps[n].post["efficacy"] for n in ns], style, label=f"efficacy, {label}")
+        ax.plot(ns, [reps[n].post["neighborhood"] for n in ns], style, label=f"neighborhood, {label}")
+    ax.axhline(unedited_ns, c="gray", ls=":", label="neighborhood, unedited")
+    ax.set_xscale("log")
+    ax.set_xlabel("edits applied together (batched) or stacked (sequential)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("MEND on SmolLM2-135M, CounterFact")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=models.DEFAULT_MODEL)
+    p.add_argument("--data", default="../shared/data/counterfact-val.json")
+    p.add_argument("--compare", type=int, default=50, help="records for the 4-way table (FT is slow)")
+    p.add_argument("--scale", type=int, default=100, help="records for the batched/sequential runs")
+    p.add_argument("--full", action="store_true", help="also evaluate MEND on every record of --data")
+    p.add_argument("--ft-steps", type=int, default=25)
+    p.add_argument("--out", default="docs")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not Path(args.data).is_file():
+        p.error(f"--data: {args.data} does not exist")
+    t_start = time.time()
+    records = load_records(args.data)
+    lm = models.load(args.model)
+    editor_dir = checkpoint.default_editor_dir(args.model)
+    if editor_dir is None:
+        p.error(f"no shipped editor for {args.model}")
+    stack = EditStack(lm.model, checkpoint.stack_targets(lm.model, editor_dir))
+    mend = MendEditor.load(editor_dir, stack)
+    m, tok = lm.model, lm.tokenizer
+
+    def run(editor, recs, **kw) -> EvalReport:
+        return evaluate(m, tok, stack, editor, recs, **kw)
+
+    cmp_recs = records[: args.compare]
+    reports = {"MEND": run(mend, cmp_recs)}
+    for method, kl in (("ft", 0.0), ("ft-kl", 1.0)):
+        ft = make_baseline(method, stack, FTConfig(max_steps=args.ft_steps, kl_weight=kl))
+        reports[method.upper()] = run(ft, cmp_recs)
+    scale_recs = records[: args.scale]
+    batched = {b: run(mend, scale_recs, batch_size=b) for b in (1, 10, 100) if b <= len(scale_recs)}
+    sequential = {1: batched[1]}
+    sequential.update({s: run(mend, scale_recs, sequential=s) for s in (10, 100) if s <= len(scale_recs)})
+    full = run(mend, records) if args.full else None
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(batched, sequential, batched[1].pre["neighborhood"], out / "results_scaling.png")
+    dump = {
+        "compare": {k: r.to_dict() | {"rows": None} for k, r in reports.items()},
+        "batched": {b: r.to_dict() | {"rows": None} for b, r in batched.items()},
+        "sequential": {s: r.to_dict() | {"rows": None} for s, r in sequential.items()},
+        "full": full.to_dict() | {"rows": None} if full else None,
+    }
+    (out / "results.json").write_text(json.dumps(dump, indent=1))
+
+    cfg = json.loads((Path(editor_dir) / checkpoint.CONFIG).read_text())
+    lines = [
+        "# Results: MEND on SmolLM2-135M (CounterFact)",
+        "",
+        f"Generated by `python -m tools.results {' '.join(argv if argv is not None else sys.argv[1:])}` "
+        f"(`make results`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), in {time.time() - t_start:.0f} s.",
+        f"Editor: `{editor_dir}` ({cfg.get('editor_id')}), targets {cfg['mend']['targets'][0]} ... "
+        f"{cfg['mend']['targets'][-1]}, factor tokens: {cfg['mend']['factor_tokens']}.",
+        f"Data: `{args.data}`. Metrics as defined in DESIGN.md; edit_ms is compute + apply of one edit "
+        "call on this machine (shared, so absolute times drift).",
+        "",
+        f"## Unedited, FT, FT+KL, MEND on the same {len(cmp_recs)} records (one edit at a time)",
+        "",
+        _table([
+            _row("unedited", reports["MEND"].pre, None),
+            _row(f"FT (<= {args.ft_steps} Adam steps)", reports["FT"].post, reports["FT"]),
+            _row(f"FT+KL (<= {args.ft_steps} steps)", reports["FT-KL"].post, reports["FT-KL"]),
+            _row("MEND", reports["MEND"].post, reports["MEND"]),
+        ]),
+        "",
+    ]
+    if full is not None:
+        lines += [
+            f"## MEND on all {full.n_records} records of `{args.data}` (one edit at a time)",
+            "",
+            _table([_row("unedited", full.pre, None), _row("MEND", full.post, full)]),
+            "",
+        ]
+    lines += [
+        f"## Batched and sequential MEND edits ({len(scale_recs)} records)",
+        "",
+        "| mode | edits | efficacy | paraphrase | neighborhood | unedited neighborhood |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, reps in (("batched", batched), ("sequential", sequential)):
+        for n, r in sorted(reps.items()):
+            lines.append(f"| {mode} | {n} | {_cell(r.post['efficacy'])} | {_cell(r.post['paraphrase'])} | "
+                         f"{_cell(r.post['neighborhood'])} | {_cell(r.pre['neighborhood'])} |")
+    lines += ["", "![efficacy and neighborhood against the number of edits](results_scaling.png)", ""]
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", out / "RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
