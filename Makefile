@@ -38,4 +38,4 @@ clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
 
 results: setup
-	$(BIN)/python -m tools.results --full
+	$(BIN)/python -m tools.results --full -1
