@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from editor_core.batching import build_batch, mean_target_nll, prompt_ids
+from editor_core.batching import build_batch, kl_pre_post, mean_target_nll, prompt_ids
 from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.requests import EditRequest
 from editor_core.targets import Target
@@ -96,14 +96,6 @@ def all_top1(logits: torch.Tensor, labels: torch.Tensor) -> bool:
     mask = labels[:, 1:] != -100  # (B, T-1)
     hits = logits[:, :-1].argmax(-1) == labels[:, 1:]  # (B, T-1)
     return bool(hits[mask].all())
-
-
-def kl_pre_post(pre_logp: torch.Tensor, post_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scalar mean over real positions of KL(pre || post). pre_logp, post_logits (B, T, V); mask (B, T)."""
-    post_logp = torch.log_softmax(post_logits.float(), dim=-1)  # (B, T, V)
-    kl = (pre_logp.exp() * (pre_logp - post_logp)).sum(-1)  # (B, T)
-    m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp(min=1)
 
 
 class FTEditor:

@@ -126,3 +126,11 @@ def mean_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """Scalar: mean NLL over all target tokens of the batch (the edit loss)."""
     lp = token_logprobs(logits, batch)
     return -lp.sum() / batch.target_mask.sum().clamp(min=1)
+
+
+def kl_pre_post(pre_logp: torch.Tensor, post_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scalar mean over real positions of KL(pre || post). pre_logp, post_logits (B, T, V); mask (B, T)."""
+    post_logp = torch.log_softmax(post_logits.float(), dim=-1)  # (B, T, V)
+    kl = (pre_logp.exp() * (pre_logp - post_logp)).sum(-1)  # (B, T)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp(min=1)

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from editor_core import checkpoint, models
-from editor_core.batching import TokenBatch, build_batch, mean_target_nll, token_logprobs
+from editor_core.batching import TokenBatch, build_batch, kl_pre_post, mean_target_nll, token_logprobs
 from editor_core.config import MendConfig
 from editor_core.data import EditRecord, load_records, split_records
 from editor_core.editor import MendEditor
@@ -74,14 +74,6 @@ def _mean_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """(B,) mean log-prob of each row's target tokens."""
     lp = token_logprobs(logits, batch)  # (B, T-1)
     return lp.sum(-1) / batch.target_mask.sum(-1).clamp(min=1)
-
-
-def _kl_pre_post(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens of KL(pre || post); pre/post: (B, T, V) logits, mask: (B, T)."""
-    logp_pre = torch.log_softmax(pre.float(), -1)
-    logp_post = torch.log_softmax(post.float(), -1)
-    kl = (logp_pre.exp() * (logp_pre - logp_post)).sum(-1)  # (B, T)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
 class EditorTrainer:
@@ -136,7 +128,7 @@ class EditorTrainer:
         updates = self._edit_updates(records)
         with added_updates(self.model, updates):
             l_edit = mean_target_nll(self._tail(post_b), post_b)
-            l_loc = (_kl_pre_post(loc_pre, self._tail(loc_b), loc_b.attention_mask)
+            l_loc = (kl_pre_post(torch.log_softmax(loc_pre.float(), -1), self._tail(loc_b), loc_b.attention_mask)
                      if loc_b is not None else torch.zeros((), device=dev))
         loss = self.cfg.c_edit * l_edit + self.cfg.c_loc * l_loc
         self.opt.zero_grad(set_to_none=True)

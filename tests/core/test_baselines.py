@@ -7,9 +7,9 @@ from editor_core.baselines import (
     FTKLEditor,
     _prompt_batch,
     identity_factors,
-    kl_pre_post,
     make_baseline,
 )
+from editor_core.batching import kl_pre_post
 from editor_core.requests import EditRequest
 from editor_core.scoring import score_targets
 from editor_core.stack import EditStack
