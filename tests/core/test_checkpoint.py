@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from editor_core import checkpoint
+from editor_core.config import MendConfig
+from editor_core.editor import MendEditor
+from editor_core.stack import EditStack
+from editor_core.targets import resolve_targets
+
+
+def test_stack_targets_follow_the_editor_checkpoint(tiny_llama, tmp_path):
+    cfg = MendConfig(blocks=[1], rank=4)
+    names = [t.name for t in resolve_targets(tiny_llama, blocks=[1])]
+    cfg.targets = names
+    checkpoint.save(tmp_path, cfg, {"x": torch.zeros(1)}, {"model": "tiny"})
+    assert [t.name for t in checkpoint.stack_targets(tiny_llama, tmp_path)] == names
+    default = [t.name for t in checkpoint.stack_targets(tiny_llama, None)]
+    assert default == [t.name for t in resolve_targets(tiny_llama)] and default != names
+
+
+def test_saved_editor_round_trips_and_refuses_another_model(tiny_llama, tiny_gpt2, tmp_path):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    editor = MendEditor.untrained(stack, MendConfig(rank=4, targets=list(stack.targets)))
+    with torch.no_grad():
+        editor.nets.log_lr.fill_(-3.0)
+    checkpoint.save(tmp_path, editor.config, editor.nets.state_dict(), {"model_fingerprint": stack.fingerprint})
+    loaded = MendEditor.load(tmp_path, stack)
+    assert torch.equal(loaded.nets.log_lr, editor.nets.log_lr)
+    other = EditStack(tiny_gpt2, resolve_targets(tiny_gpt2))
+    with pytest.raises(ValueError):
+        MendEditor.load(tmp_path, other)
+
+
+def test_missing_or_foreign_checkpoint_gives_a_clear_error(tmp_path):
+    with pytest.raises(checkpoint.EditorCheckpointError, match="mend train"):
+        checkpoint.load(tmp_path)
+    (tmp_path / checkpoint.WEIGHTS).write_bytes(b"")
+    (tmp_path / checkpoint.CONFIG).write_text('{"format_version": 99, "mend": {}}')
+    with pytest.raises(checkpoint.EditorCheckpointError, match="format_version"):
+        checkpoint.load(tmp_path)
