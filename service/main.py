@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.api import edits, health, metrics, query
@@ -39,6 +42,21 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(send)
+        if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            # chunked: read it here (at most max_bytes + one chunk), so that a body too large is a 413
+            # and not whatever the route's body parser makes of an error raised mid-read
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return await self.app(scope, _replay([message], receive), send)
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+                if size > self.max_bytes:
+                    return await self._reject(send)
+            body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await self.app(scope, _replay([body], receive), send)
         seen = 0
 
         async def counting_receive():
@@ -65,6 +83,29 @@ class BodySizeLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+def _replay(messages: list[dict], receive):
+    """An ASGI receive that hands out ``messages`` first, then defers to ``receive``."""
+    pending = list(messages)
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+
+
+def _json_safe(value):
+    """Echoed input made renderable: non-finite floats as strings, lone surrogates escaped."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _error_response(status: int, code: str, message: str, **extra) -> JSONResponse:
@@ -103,6 +144,11 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     app.include_router(query.router)
     app.include_router(edits.router)
     app.include_router(metrics.router)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        # FastAPI's own handler echoes the input, and a NaN or a lone surrogate in it cannot be rendered
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(err.errors()))}, status_code=422)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, err: ServiceError):

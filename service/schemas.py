@@ -15,8 +15,21 @@ from service.settings import Settings
 METHODS = ("mend", "ft")
 
 
+def _valid_unicode(value):
+    """Text must be encodable as UTF-8: JSON may carry lone surrogates (\\ud800) that no tokenizer takes."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("must be valid unicode text (lone surrogate code points are not allowed)") from None
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    _unicode = field_validator("*")(_valid_unicode)
 
 
 def _not_blank(value: str) -> str:
