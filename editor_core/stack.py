@@ -119,11 +119,14 @@ class EditStack:
         return torch.addmm(acc, u.t(), v)  # (d_out, d_in)
 
     def _accumulate(self, name: str, edits: list[tuple[str, EditDelta]]) -> torch.Tensor:
-        acc = self._base[name]
+        # In place: one buffer for a whole replay instead of one 3.5 MB allocation per edit. addmm_
+        # runs the same kernel as the out-of-place addmm in ``apply``, so the bits agree (tested).
+        acc = self._base[name].clone()
         for _, d in edits:
-            if name in d.updates:
-                acc = self._add(acc, d, name)
-        return acc.clone() if acc is self._base[name] else acc
+            upd = d.updates.get(name)
+            if upd is not None:
+                acc.addmm_(upd.u.to(acc.device, torch.float32).t(), upd.v.to(acc.device, torch.float32))
+        return acc
 
     def _commit(self, new: dict[str, torch.Tensor]) -> None:
         """Cast, check finiteness of all targets, then write all of them (all or nothing)."""
