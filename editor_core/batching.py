@@ -122,6 +122,19 @@ def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return picked * batch.target_mask
 
 
+def target_positions(batch: TokenBatch) -> torch.Tensor:
+    """(B, T) bool: positions whose logits predict a target token (the last column never does)."""
+    sel = torch.zeros_like(batch.labels, dtype=torch.bool)
+    sel[:, :-1] = batch.target_mask
+    return sel
+
+
+def selected_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Scalar mean target NLL from logits (N, V) taken at :func:`target_positions` only."""
+    labels = batch.labels[:, 1:][batch.target_mask]  # (N,), row-major like the selected logits
+    return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+
 def mean_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """Scalar: mean NLL over all target tokens of the batch (the edit loss)."""
     lp = token_logprobs(logits, batch)

@@ -71,13 +71,22 @@ def _only_tail(model: nn.Module, first: int) -> Iterator[None]:
 
 
 def tail_logits(
-    model: nn.Module, first: int, states: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module,
+    first: int,
+    states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    select: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, T, V) logits from hidden states ``states`` (B, T, d) entering block ``first``.
+    """Logits from hidden states ``states`` (B, T, d) entering block ``first``.
 
+    Returns (B, T, V), or (N, V) for the N positions where ``select`` (B, T) is true: the output
+    layer (V x d, the largest matrix of a small LM) then runs only where a loss reads it.
     The embeddings run on zeros and are discarded: the first tail block's input is swapped for
     ``states``, so positional encodings (rotary or learned) are handled by the model itself.
     """
     dummy = torch.zeros_like(states)
     with _only_tail(model, first), block_input_hook(model, 0, lambda _h: states):
-        return model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False).logits
+        if select is None:
+            return model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False).logits
+        out = model.base_model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False)
+        return model.get_output_embeddings()(out.last_hidden_state[select])  # (N, V)

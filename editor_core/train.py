@@ -4,7 +4,7 @@ Each step samples ``edits_per_step`` records, computes one batched edit from the
 and trains the editor nets (not the model) on
 
     c_edit * NLL(post-edit model, target_new | prompt and rephrases)
-  + c_loc  * KL(pre || post) on the records' locality prompts.
+  + c_loc  * KL(pre || post) at the answer positions of the records' locality prompts.
 
 Only the edited tail of the model runs per step: the hidden states entering the first edited block
 are cached once per text (:class:`PrefixStateCache`). Validation edits held-out records one at a time
@@ -25,7 +25,14 @@ import torch
 from tqdm import tqdm
 
 from editor_core import checkpoint, models
-from editor_core.batching import TokenBatch, build_batch, kl_pre_post, mean_target_nll, token_logprobs
+from editor_core.batching import (
+    TokenBatch,
+    build_batch,
+    kl_pre_post,
+    selected_target_nll,
+    target_positions,
+    token_logprobs,
+)
 from editor_core.config import MendConfig
 from editor_core.data import EditRecord, load_records, split_records
 from editor_core.editor import MendEditor
@@ -99,8 +106,8 @@ class EditorTrainer:
             {"params": [nets.log_lr], "lr": cfg.lr_lr},
         ])
 
-    def _tail(self, batch: TokenBatch) -> torch.Tensor:
-        return tail_logits(self.model, self.first, self.cache.states(batch), batch.attention_mask)
+    def _tail(self, batch: TokenBatch, select: torch.Tensor | None = None) -> torch.Tensor:
+        return tail_logits(self.model, self.first, self.cache.states(batch), batch.attention_mask, select)
 
     def _edit_updates(self, records: list[EditRecord]):
         """Editor output for one batched edit of ``records`` (differentiable in the editor)."""
@@ -111,7 +118,8 @@ class EditorTrainer:
         states = self.cache.states(edit)
         factors = capture_factors(
             self.model, self.editor.targets, edit,
-            run=lambda: tail_logits(self.model, self.first, states, edit.attention_mask),
+            run=lambda: tail_logits(self.model, self.first, states, edit.attention_mask, target_positions(edit)),
+            loss_fn=selected_target_nll,
         )
         return self.editor.updates_from_factors(factors)
 
@@ -123,13 +131,19 @@ class EditorTrainer:
         loc_pairs = [(lp.prompt, lp.answer) for r in records for lp in r.locality]
         post_b = _pairs_batch(self.tok, post_pairs, max_len).to(dev)
         loc_b = _pairs_batch(self.tok, loc_pairs, max_len).to(dev) if loc_pairs else None
+        # Logits only where a loss reads them: the target positions of the edit sequences, and the
+        # answer positions of the locality sequences (KL over the neighbour's answer tokens).
+        loc_sel = target_positions(loc_b) if loc_b is not None else None
         with torch.no_grad():
-            loc_pre = self._tail(loc_b) if loc_b is not None else None
+            loc_pre = torch.log_softmax(self._tail(loc_b, loc_sel).float(), -1) if loc_b is not None else None
         updates = self._edit_updates(records)
         with added_updates(self.model, updates):
-            l_edit = mean_target_nll(self._tail(post_b), post_b)
-            l_loc = (kl_pre_post(torch.log_softmax(loc_pre.float(), -1), self._tail(loc_b), loc_b.attention_mask)
-                     if loc_b is not None else torch.zeros((), device=dev))
+            l_edit = selected_target_nll(self._tail(post_b, target_positions(post_b)), post_b)
+            if loc_b is not None:
+                loc_post = self._tail(loc_b, loc_sel)  # (N, V)
+                l_loc = kl_pre_post(loc_pre, loc_post, torch.ones(loc_post.shape[0], device=dev))
+            else:
+                l_loc = torch.zeros((), device=dev)
         loss = self.cfg.c_edit * l_edit + self.cfg.c_loc * l_loc
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
