@@ -270,6 +270,27 @@ def replay_to(stack, client: redis.Redis, prefix: str, ops: list[dict], version:
     return stack.sha256()
 
 
+def replay_versions(stack, client: redis.Redis, prefix: str, ops: list[dict], versions: Iterable[int]):
+    """Yield each of ``versions`` (ascending) after rebuilding ``stack`` to it op by op, as the
+    service does (apply an edit's delta, revert a rolled-back one): linear in the journal's length."""
+    from editor_core.delta import EditDelta
+
+    j = Journal(client, stack.fingerprint, prefix)
+    stack.reset()
+    wanted = sorted(set(versions))
+    at = 0
+    for v in wanted:
+        while at < v:
+            o = ops[at]
+            if o["op"] == "edit":
+                blob = client.get(j.key("delta", o["edit_id"]))
+                stack.apply(o["edit_id"], EditDelta.from_bytes(blob, stack.fingerprint, stack.shapes))
+            else:
+                stack.revert(o["edit_id"])
+            at += 1
+        yield v
+
+
 # ---- figures ----------------------------------------------------------------------------------------
 def percentiles(values: Iterable[float]) -> dict:
     """n, p50, p99 and max of latencies in ms."""
@@ -281,6 +302,11 @@ def percentiles(values: Iterable[float]) -> dict:
         return round(v[min(len(v) - 1, int(round(q * (len(v) - 1))))], 1)
 
     return {"n": len(v), "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(v[-1], 1)}
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Scripts: turn SIGTERM into SystemExit so that ``finally`` blocks stop the child processes."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def print_figures(name: str, figures: dict) -> None:

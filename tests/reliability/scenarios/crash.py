@@ -25,6 +25,7 @@ from harness import (  # noqa: E402
     RedisProc,
     ServiceProc,
     edit_body,
+    exit_cleanly_on_sigterm,
     journal_problems,
     load_stack,
     percentiles,
@@ -188,6 +189,7 @@ def run(kills: int, edits: int, clients: int = 4, time_limit_s: float = 300, wor
 
 
 def main() -> int:
+    exit_cleanly_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="issue-size run (20 kills, 200 edits)")
     ap.add_argument("--seed", type=int, default=0)

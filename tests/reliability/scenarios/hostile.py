@@ -25,7 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
-from harness import RedisProc, ServiceProc, edit_body, percentiles, print_figures, tiny_model_dir  # noqa: E402
+from harness import (  # noqa: E402
+    RedisProc,
+    ServiceProc,
+    edit_body,
+    exit_cleanly_on_sigterm,
+    percentiles,
+    print_figures,
+    tiny_model_dir,
+)
 
 KEYS = {"hostile-reader-key-0123456789": {"name": "r", "role": "reader"},
         "hostile-admin-key-01234567890": {"name": "a", "role": "admin"}}
@@ -198,6 +206,7 @@ def run(examples: int, workdir: Path | None = None) -> dict:
 
 
 def main() -> int:
+    exit_cleanly_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help=">= 1,000 generated requests")
     args = ap.parse_args()

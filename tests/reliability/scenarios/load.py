@@ -27,11 +27,12 @@ from harness import (  # noqa: E402
     RedisProc,
     ServiceProc,
     edit_body,
+    exit_cleanly_on_sigterm,
     journal_problems,
     load_stack,
     percentiles,
     print_figures,
-    replay_to,
+    replay_versions,
     tiny_model_dir,
 )
 
@@ -130,8 +131,7 @@ def run(seconds: float, query_clients: int = 16, edit_clients: int = 2, workdir:
 
     model, tok, stack = load_stack(model_dir)
     compared = 0
-    for version in sorted(seen):
-        replay_to(stack, client, prefix, state["ops"], version)
+    for version in replay_versions(stack, client, prefix, state["ops"], seen):
         want = run_queries(model, tok, [QueryJob(PROMPTS, MAX_NEW, CANDS)])[0]
         for results in seen[version]:
             compared += 1
@@ -156,6 +156,7 @@ def run(seconds: float, query_clients: int = 16, edit_clients: int = 2, workdir:
 
 
 def main() -> int:
+    exit_cleanly_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="60 s")
     args = ap.parse_args()

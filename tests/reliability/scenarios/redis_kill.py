@@ -27,6 +27,7 @@ from harness import (  # noqa: E402
     RedisProc,
     ServiceProc,
     edit_body,
+    exit_cleanly_on_sigterm,
     journal_problems,
     percentiles,
     print_figures,
@@ -172,6 +173,7 @@ def run(outages: int, time_limit_s: float = 300, workdir: Path | None = None, se
 
 
 def main() -> int:
+    exit_cleanly_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="issue-size run (10 outages)")
     ap.add_argument("--seed", type=int, default=0)

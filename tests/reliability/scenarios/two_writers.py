@@ -27,6 +27,7 @@ from harness import (  # noqa: E402
     RedisProc,
     ServiceProc,
     edit_body,
+    exit_cleanly_on_sigterm,
     journal_problems,
     percentiles,
     print_figures,
@@ -146,6 +147,7 @@ def run(rounds: list[str], workdir: Path | None = None) -> dict:
 
 
 def main() -> int:
+    exit_cleanly_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="3 kills + 3 freezes")
     args = ap.parse_args()
