@@ -131,12 +131,10 @@ def run(ctx: BenchContext) -> Figure:
     ]
     if r >= 2.0:
         fig.notes.append(
-            "where the time goes: EditStack.rebuild writes each target once, but builds it with one "
-            "out-of-place torch.addmm per edit per target (n x 9 fresh (1536, 576) fp32 tensors, each a "
-            "3.5 MB allocation + copy + rank-r GEMM). What would close it: accumulate in place "
-            "(acc = base.clone(); acc.addmm_(u.t(), v) per edit: same kernel, same order, so bit-identical, "
-            "no allocation), or cache the accumulated fp32 targets in Redis at the head (a snapshot) so a "
-            "restart reads 9 matrices instead of replaying n edits")
+            "where the time goes: EditStack.rebuild writes each target once, accumulating one in-place "
+            "rank-r addmm_ per edit per target (n x 9 GEMMs into one buffer per target). What would close "
+            "it: cache the accumulated fp32 targets in Redis at the head (a snapshot) so a restart reads 9 "
+            "matrices instead of replaying n edits")
         from bench.common import py_profile
 
         fig.profile = ("cProfile, one in-process replay (top by cumulative time):\n"

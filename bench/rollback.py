@@ -94,9 +94,8 @@ def run(ctx: BenchContext) -> Figure:
                        + py_profile(lambda: big.rollback(big.stack.active_ids[0], "bench")))
         fig.notes += [
             "latency grows linearly with the active edits: EditStack.revert rebuilds every target the edit "
-            "touched from the pristine base plus all remaining edits (one out-of-place addmm per edit per "
-            "target), which is what keeps rollback bit-exact. What would make it flat-ish: in-place "
-            "accumulation (addmm_, no 3.5 MB allocation per term), and keeping periodic fp32 checkpoints of "
+            "touched from the pristine base plus all remaining edits (one in-place addmm_ per edit per "
+            "target), which is what keeps rollback bit-exact. What would make it flat-ish: keeping periodic fp32 checkpoints of "
             "the accumulated targets (every k edits) so a revert replays only the edits after the nearest "
             "checkpoint before the reverted one (still bit-exact, same order of additions)",
             "samples at each count are taken from the same engine; the active set is restored between samples",

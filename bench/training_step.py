@@ -68,12 +68,11 @@ def run(ctx: BenchContext) -> Figure:
         fig.profile = ("torch.profiler, one cached training step (top ops by self CPU, per input shape):\n"
                        + torch_profile(lambda: trainers[True].step(batches[0]), rows=12, by_shape=True))
         fig.notes.append(
-            "where the time goes with the cache: the tail still runs the LM head (a 49,152 x 576 matmul, "
-            "28M of the model's 135M parameters, more than the 3 edited blocks together) forward and backward "
-            "on every position of the edit, post-edit and locality batches, plus log_softmax over the "
-            "vocabulary for the NLL and KL terms. The cache removes only the prefix blocks' forward, so the "
-            "ceiling is (prefix + tail) / tail, about 2-3x here. What would close it: compute logits only at "
-            "the positions the losses read (target tokens, locality answer tokens) instead of all T, cache the "
-            "pre-edit locality log-probs with the prefix states (they are constant too), and edit later blocks "
-            "(a longer frozen prefix)")
+            "where the time goes with the cache: the edited tail forward and backward (3 blocks), the "
+            "output layer (49,152 x 576) at the positions the losses read (target tokens and locality "
+            "answer tokens) for the post-edit passes and again, without grad, for the pre-edit locality "
+            "log-probs, log_softmax over the vocabulary there, the editor nets and Adam, and Python "
+            "overhead (tokenizing, hooks, cache lookups). What would close it: cache the pre-edit locality "
+            "log-probs with the prefix states (constant, but V floats per answer token), batch the three "
+            "tail passes into one, and edit later blocks (a longer frozen prefix)")
     return fig
