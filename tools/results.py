@@ -66,6 +66,23 @@ def _plot(batched: dict[int, EvalReport], sequential: dict[int, EvalReport], une
     plt.close(fig)
 
 
+def targets_section(title: str, pre: dict, post: dict, edit_ms_median: float) -> list[str]:
+    """Issue 4's targets for MEND, each with the measured figure and met / missed."""
+    checks = [
+        ("efficacy >= 0.95", post["efficacy"], post["efficacy"] >= 0.95),
+        ("paraphrase >= 0.70", post["paraphrase"], post["paraphrase"] >= 0.70),
+        (f"neighborhood >= unedited - 0.05 = {pre['neighborhood'] - 0.05:.3f}", post["neighborhood"],
+         post["neighborhood"] >= pre["neighborhood"] - 0.05),
+        ("edit_ms median < 300 ms (2 CPU cores)", edit_ms_median, edit_ms_median < 300),
+    ]
+    lines = [f"## Targets ({title})", "", "| target | measured | |", "|---|---|---|"]
+    lines += [f"| {name} | {value:.3f} | {'met' if ok else 'MISSED'} |" for name, value, ok in checks]
+    lines += ["", "What was tried for the misses (edited layers, factor tokens, c_loc, steps) and what limits "
+              "the editor: README.md, section 'What the shipped editor does differently', and "
+              "editors/smollm2-135m/README.md.", ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=models.DEFAULT_MODEL)
@@ -134,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                 ]),
                 "",
             ]
+        if len(reports) == 3:
+            best = full or reports["MEND"]
+            lines += targets_section(f"MEND, {best.n_records} records", best.pre, best.post, best.edit_ms["median"])
         if full is not None:
             lines += [
                 f"## MEND alone on the first {full.n_records} records of `{args.data}` (one edit at a time)",
