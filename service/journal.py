@@ -28,6 +28,9 @@ from service.writer_lock import LockLostError, WriterLock
 log = logging.getLogger(__name__)
 
 
+WATCH_ATTEMPTS = 5  # a WatchError is retried (owner and head re-checked) this many times in all
+
+
 class JournalConflictError(RuntimeError):
     """The journal head moved under us (another writer) or the lock was lost mid-write."""
 
@@ -185,20 +188,26 @@ class Journal:
     def _transact(self, version: int, sha256: str, op: str, edit_id: str, ts: str,
                   lock: WriterLock, writes) -> None:
         head = {"version": version, "sha256": sha256, "op": op, "edit_id": edit_id, "ts": ts}
-        with self.client.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(self.lock_key, self.key("head"))
-                owner = pipe.get(self.lock_key)
-                if owner is None or owner.decode() != lock.token:
-                    raise LockLostError(f"writer lock {self.lock_key} is not held by this process")
-                raw = pipe.get(self.key("head"))
-                current = int(json.loads(raw)["version"]) if raw is not None else 0
-                if current != version - 1:
-                    raise JournalConflictError(f"journal is at version {current}, expected {version - 1}")
-                pipe.multi()
-                writes(pipe)
-                pipe.set(self.key("head"), json.dumps(head))
-                pipe.execute()
-            except redis.WatchError as err:
-                raise JournalConflictError("journal head or writer lock changed during the write") from err
+        for attempt in range(WATCH_ATTEMPTS):
+            with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.lock_key, self.key("head"))
+                    owner = pipe.get(self.lock_key)
+                    if owner is None or owner.decode() != lock.token:
+                        raise LockLostError(f"writer lock {self.lock_key} is not held by this process")
+                    raw = pipe.get(self.key("head"))
+                    current = int(json.loads(raw)["version"]) if raw is not None else 0
+                    if current != version - 1:
+                        raise JournalConflictError(f"journal is at version {current}, expected {version - 1}")
+                    pipe.multi()
+                    writes(pipe)
+                    pipe.set(self.key("head"), json.dumps(head))
+                    pipe.execute()
+                    break
+                except redis.WatchError as err:
+                    # our own heartbeat's PEXPIRE on the lock also trips WATCH: check owner and head again
+                    if attempt + 1 == WATCH_ATTEMPTS:
+                        raise JournalConflictError("journal head or writer lock changed during the write") from err
+                    log.info("journal write raced a change of the lock or head; checking again",
+                             extra={"op": op, "edit_id": edit_id, "attempt": attempt + 1})
         log.info("journal op written", extra={"op": op, "edit_id": edit_id, "version": version})

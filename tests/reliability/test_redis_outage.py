@@ -87,3 +87,35 @@ def test_expired_lock_is_taken_again_only_if_the_journal_did_not_move(tiny_token
         r = c.post("/edit", json=_body(1))
         assert r.status_code == 503 and "another instance holds" in r.json()["detail"]
         runtime.client.delete(lock_key)
+
+
+def test_lock_heartbeat_during_a_journal_write_does_not_fail_the_edit(tiny_tokenizer):
+    """Found by the full load run: the heartbeat's PEXPIRE on the lock key, landing between WATCH and
+    EXEC, aborted the transaction and the edit got a spurious 503 journal_conflict."""
+    with serving(make_settings(), tiny_tokenizer) as c:
+        runtime = c.app.state.runtime
+        other = redis.Redis.from_url(runtime.settings.redis_url)  # the heartbeat's own connection
+        client = runtime.journal.client
+        original = client.pipeline
+        renewed: list[bool] = []
+
+        def pipeline(*args, **kwargs):
+            pipe = original(*args, **kwargs)
+            multi = pipe.multi
+
+            def multi_then_heartbeat():  # after WATCH and the checks, before EXEC: once
+                multi()
+                if not renewed:
+                    renewed.append(bool(other.pexpire(runtime.journal.lock_key, runtime.settings.lock_ttl_ms)))
+
+            pipe.multi = multi_then_heartbeat
+            return pipe
+
+        client.pipeline = pipeline
+        try:
+            out = edit(c, FACTS[0]["prompt"], FACTS[0]["target_new"])
+        finally:
+            client.pipeline = original
+            other.close()
+        assert renewed == [True] and out["version"] == 1
+        assert runtime.journal.head().version == 1 and engine_of(c).stack.active_ids == [out["edit_id"]]
