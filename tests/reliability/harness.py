@@ -245,6 +245,7 @@ def load_stack(model_dir: Path):
     from editor_core.stack import EditStack
     from editor_core.targets import resolve_targets
 
+    torch.set_num_threads(1)  # the machine is shared; one thread is faster than two contended ones
     loaded = load(str(model_dir), device="cpu", dtype=torch.float32)
     loaded.model.eval()
     return loaded.model, loaded.tokenizer, EditStack(loaded.model, resolve_targets(loaded.model))
