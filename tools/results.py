@@ -24,6 +24,7 @@ from editor_core.baselines import FTConfig, make_baseline
 from editor_core.data import load_records
 from editor_core.editor import MendEditor
 from editor_core.evaluate import METRICS, EvalReport, evaluate
+from editor_core.report_plot import plot_reports
 from editor_core.stack import EditStack
 
 log = logging.getLogger("results")
@@ -150,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                     _row("MEND", reports["MEND"].post, reports["MEND"]),
                 ]),
                 "",
+                "![metrics per method](results_compare.png)",
+                "",
             ]
+            plot_reports({"FT": reports["FT"], "FT+KL": reports["FT-KL"], "MEND": reports["MEND"]},
+                         out / "results_compare.png")
         if len(reports) == 3:
             best = full or reports["MEND"]
             lines += targets_section(f"MEND, {best.n_records} records", best.pre, best.post, best.edit_ms["median"])
