@@ -10,7 +10,7 @@ DATA = FIXTURES / "data"
 
 
 def test_counterfact_auto_detected_and_parsed():
-    recs = load_records(DATA / "counterfact_small.json")
+    recs = load_records(DATA / "cf_easyedit_small.json")
     assert [r.case_id for r in recs] == ["101", "102", "103"]
     r0 = recs[0]
     assert r0 == EditRecord(
@@ -24,7 +24,7 @@ def test_counterfact_auto_detected_and_parsed():
 
 
 def test_counterfact_to_request():
-    r = load_records(DATA / "counterfact_small.json", limit=1)[0]
+    r = load_records(DATA / "cf_easyedit_small.json", limit=1)[0]
     assert r.to_request() == EditRequest(
         "The mother tongue of Danielle Darrieux is", "English", "Danielle Darrieux",
         ("Danielle Darrieux grew up speaking",),
@@ -49,7 +49,7 @@ def test_zsre_nq_prefix_can_be_stripped():
 
 
 def test_knowedit_lists_nested_groups_and_missing_truth():
-    recs = load_records(DATA / "knowedit_small.json")
+    recs = load_records(DATA / "ke_format_small.json")
     r0, r1 = recs
     assert r0.ground_truth == "Beirut"
     assert r0.rephrases == ("Lyon is paired with the city of",)
@@ -63,12 +63,12 @@ def test_knowedit_lists_nested_groups_and_missing_truth():
 
 
 def test_forced_format_and_limit():
-    recs = load_records(DATA / "counterfact_small.json", format="counterfact", limit=2)
+    recs = load_records(DATA / "cf_easyedit_small.json", format="counterfact", limit=2)
     assert len(recs) == 2
     with pytest.raises(ValueError, match="missing keys.*'src'"):
-        load_records(DATA / "counterfact_small.json", format="zsre")
+        load_records(DATA / "cf_easyedit_small.json", format="zsre")
     with pytest.raises(ValueError, match="unknown data format"):
-        load_records(DATA / "counterfact_small.json", format="csv")
+        load_records(DATA / "cf_easyedit_small.json", format="csv")
 
 
 def test_bad_file_names_file_record_and_keys():
