@@ -7,7 +7,6 @@ single fact ``r`` is the number of target tokens, so a delta is a few KB instead
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -102,18 +101,6 @@ class EditDelta:
                     )
         return cls(updates, fingerprint, json.loads(metadata.get("meta", "{}")))
 
-    def digest(self) -> str:
-        """sha256 of the serialized delta (identifies its exact content)."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
-
-    def scaled(self, factor: float) -> EditDelta:
-        """The same edit with every dW multiplied by ``factor``."""
-        return EditDelta(
-            {n: LowRankUpdate(u.u * factor, u.v) for n, u in self.updates.items()},
-            self.model_fingerprint,
-            dict(self.meta),
-        )
-
     def nbytes(self) -> int:
         """Bytes held by the factors (what the journal stores, before safetensors headers)."""
         return sum(u.u.numel() * 4 + u.v.numel() * 4 for u in self.updates.values())
@@ -125,22 +112,3 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     header = json.loads(data[8 : 8 + header_len])
     return header.get("__metadata__", {}) or {}
 
-
-def concat_deltas(deltas: list[EditDelta]) -> EditDelta:
-    """One delta whose dW is the sum of the given deltas' (factors concatenated along rank)."""
-    if not deltas:
-        raise ValueError("no deltas to concatenate")
-    fingerprint = deltas[0].model_fingerprint
-    names: list[str] = []
-    for d in deltas:
-        if d.model_fingerprint != fingerprint:
-            raise DeltaFormatError("deltas for different models cannot be concatenated")
-        names += [n for n in d.updates if n not in names]
-    updates = {
-        n: LowRankUpdate(
-            torch.cat([d.updates[n].u for d in deltas if n in d.updates]),
-            torch.cat([d.updates[n].v for d in deltas if n in d.updates]),
-        )
-        for n in names
-    }
-    return EditDelta(updates, fingerprint, dict(deltas[0].meta))

@@ -310,6 +310,26 @@ def exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+def scenario_main(title: str, run, doc: str | None, ci: dict | None = None, full: dict | None = None,
+                  full_help: str = "issue-size run", seeded: bool = False) -> int:
+    """Command line of a scenario script: ``--full`` picks the issue's size; exit 1 on any problem."""
+    import argparse
+
+    exit_cleanly_on_sigterm()
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if full is not None:
+        ap.add_argument("--full", action="store_true", help=full_help)
+    if seeded:
+        ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    kwargs = dict(full if getattr(args, "full", False) else (ci or {}))
+    if seeded:
+        kwargs["seed"] = args.seed
+    figures = run(**kwargs)
+    print_figures(title, figures)
+    return 1 if figures.get("problems") or figures.get("problem_count") else 0
+
+
 def print_figures(name: str, figures: dict) -> None:
     print(f"== {name} ==")
     print(json.dumps(figures, indent=2, default=str))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
-from harness import RedisProc, ServiceProc, edit_body, exit_cleanly_on_sigterm, print_figures, tiny_model_dir  # noqa: E402
+from harness import RedisProc, ServiceProc, edit_body, scenario_main, tiny_model_dir  # noqa: E402
 
 KEYS = {
     "rk-" + "r" * 29: {"name": "dashboards", "role": "reader"},
@@ -108,10 +108,7 @@ def run(workdir: Path | None = None) -> dict:
 
 
 def main() -> int:
-    exit_cleanly_on_sigterm()
-    figures = run()
-    print_figures("auth matrix", figures)
-    return 1 if figures["problems"] else 0
+    return scenario_main("auth matrix", run, __doc__)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ independent offline replay of the journal gives the same sha256.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -25,12 +24,11 @@ from harness import (  # noqa: E402
     RedisProc,
     ServiceProc,
     edit_body,
-    exit_cleanly_on_sigterm,
     journal_problems,
     load_stack,
     percentiles,
-    print_figures,
     replay_to,
+    scenario_main,
     tiny_model_dir,
 )
 
@@ -189,14 +187,7 @@ def run(kills: int, edits: int, clients: int = 4, time_limit_s: float = 300, wor
 
 
 def main() -> int:
-    exit_cleanly_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="issue-size run (20 kills, 200 edits)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    figures = run(**(FULL if args.full else CI), seed=args.seed)
-    print_figures("crash (service SIGKILL)", figures)
-    return 1 if figures["problems"] else 0
+    return scenario_main("crash (service SIGKILL)", run, __doc__, CI, FULL, full_help="issue-size run (20 kills, 200 edits)", seeded=True)
 
 
 if __name__ == "__main__":

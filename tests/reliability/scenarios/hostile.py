@@ -14,7 +14,6 @@ status but 200) changed the journal (its head is read from Redis before and afte
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -29,9 +28,8 @@ from harness import (  # noqa: E402
     RedisProc,
     ServiceProc,
     edit_body,
-    exit_cleanly_on_sigterm,
     percentiles,
-    print_figures,
+    scenario_main,
     tiny_model_dir,
 )
 
@@ -206,13 +204,7 @@ def run(examples: int, workdir: Path | None = None) -> dict:
 
 
 def main() -> int:
-    exit_cleanly_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help=">= 1,000 generated requests")
-    args = ap.parse_args()
-    figures = run(**(FULL if args.full else CI))
-    print_figures("hostile input", figures)
-    return 1 if figures["problem_count"] else 0
+    return scenario_main("hostile input", run, __doc__, CI, FULL, full_help=">= 1,000 generated requests")
 
 
 if __name__ == "__main__":

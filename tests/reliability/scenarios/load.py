@@ -11,7 +11,6 @@ it (candidate scores within 1e-4, same greedy completion). p50/p99 latencies are
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import threading
@@ -27,12 +26,11 @@ from harness import (  # noqa: E402
     RedisProc,
     ServiceProc,
     edit_body,
-    exit_cleanly_on_sigterm,
     journal_problems,
     load_stack,
     percentiles,
-    print_figures,
     replay_versions,
+    scenario_main,
     tiny_model_dir,
 )
 
@@ -156,13 +154,7 @@ def run(seconds: float, query_clients: int = 16, edit_clients: int = 2, workdir:
 
 
 def main() -> int:
-    exit_cleanly_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="60 s")
-    args = ap.parse_args()
-    figures = run(**(FULL if args.full else CI))
-    print_figures("load: 16 query + 2 edit clients", figures)
-    return 1 if figures["problem_count"] else 0
+    return scenario_main("load: 16 query + 2 edit clients", run, __doc__, CI, FULL, full_help="60 s")
 
 
 if __name__ == "__main__":

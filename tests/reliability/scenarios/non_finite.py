@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
-from harness import FACTS, edit_body, exit_cleanly_on_sigterm, print_figures, tiny_tokenizer  # noqa: E402
+from harness import FACTS, edit_body, scenario_main, tiny_tokenizer  # noqa: E402
 from mend_harness import make_settings, serving, tiny_editors  # noqa: E402
 
 from editor_core.delta import EditDelta, LowRankUpdate  # noqa: E402
@@ -80,10 +80,7 @@ def run() -> dict:
 
 
 def main() -> int:
-    exit_cleanly_on_sigterm()
-    figures = run()
-    print_figures("non-finite / exploding edits", figures)
-    return 1 if figures["problems"] else 0
+    return scenario_main("non-finite / exploding edits", run, __doc__)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ has expired and is taken again only if the journal did not move meanwhile).
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -27,10 +26,9 @@ from harness import (  # noqa: E402
     RedisProc,
     ServiceProc,
     edit_body,
-    exit_cleanly_on_sigterm,
     journal_problems,
     percentiles,
-    print_figures,
+    scenario_main,
     tiny_model_dir,
 )
 
@@ -173,14 +171,7 @@ def run(outages: int, time_limit_s: float = 300, workdir: Path | None = None, se
 
 
 def main() -> int:
-    exit_cleanly_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="issue-size run (10 outages)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    figures = run(**(FULL if args.full else CI), seed=args.seed)
-    print_figures("redis SIGKILL + AOF restart", figures)
-    return 1 if figures["problems"] else 0
+    return scenario_main("redis SIGKILL + AOF restart", run, __doc__, CI, FULL, full_help="issue-size run (10 outages)", seeded=True)
 
 
 if __name__ == "__main__":

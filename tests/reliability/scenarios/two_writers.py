@@ -13,7 +13,6 @@ most one process accepts edits, and the journal never forks.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import tempfile
@@ -27,10 +26,9 @@ from harness import (  # noqa: E402
     RedisProc,
     ServiceProc,
     edit_body,
-    exit_cleanly_on_sigterm,
     journal_problems,
     percentiles,
-    print_figures,
+    scenario_main,
     tiny_model_dir,
 )
 
@@ -147,13 +145,7 @@ def run(rounds: list[str], workdir: Path | None = None) -> dict:
 
 
 def main() -> int:
-    exit_cleanly_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="3 kills + 3 freezes")
-    args = ap.parse_args()
-    figures = run(**(FULL if args.full else CI))
-    print_figures("two writers on one namespace", figures)
-    return 1 if figures["problems"] else 0
+    return scenario_main("two writers on one namespace", run, __doc__, CI, FULL, full_help="3 kills + 3 freezes")
 
 
 if __name__ == "__main__":
