@@ -149,8 +149,8 @@ class EditorTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.editor.nets.parameters(), 10.0)
         self.opt.step()
-        return {"loss": float(loss), "edit_nll": float(l_edit), "loc_kl": float(l_loc),
-                "log_lr": float(self.editor.nets.log_lr.mean())}
+        return {"loss": float(loss.detach()), "edit_nll": float(l_edit.detach()), "loc_kl": float(l_loc.detach()),
+                "log_lr": float(self.editor.nets.log_lr.detach().mean())}
 
     @torch.no_grad()
     def validate(self, records: list[EditRecord], edit: bool = True) -> dict[str, float]:
@@ -187,15 +187,20 @@ class EditorTrainer:
         return self.editor.nets.state_dict()
 
 
+def train_val_split(cfg: TrainConfig) -> tuple[list[EditRecord], list[EditRecord]]:
+    """The (train, validation) records of a run: a seeded split of ``cfg.data``, so it can be redone."""
+    records = [r for path in cfg.data for r in load_records(path, cfg.format, cfg.limit)]
+    records = [r for r in records if r.ground_truth is not None]
+    val_fraction = min(0.5, cfg.val_size / max(1, len(records)))
+    return split_records(records, val_fraction, cfg.seed)
+
+
 def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
     """Run a full training; writes the best checkpoint, history JSON and a PNG plot to ``cfg.out``."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     lm = lm or models.load(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    records = [r for path in cfg.data for r in load_records(path, cfg.format, cfg.limit)]
-    records = [r for r in records if r.ground_truth is not None]
-    val_fraction = min(0.5, cfg.val_size / max(1, len(records)))
-    train_recs, val_recs = split_records(records, val_fraction, cfg.seed)
+    train_recs, val_recs = train_val_split(cfg)
     log.info("training on %d records, validating on %d", len(train_recs), len(val_recs))
     trainer = EditorTrainer(cfg, lm)
     out = Path(cfg.out)

@@ -19,7 +19,12 @@ from service.settings import Settings
 log = logging.getLogger("mend")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-_LAZY = {"train": "editor_core.train", "eval": "editor_core.evaluate"}
+_LAZY = {"train": "editor_core.train", "eval": "editor_core.evaluate", "calibrate": "editor_core.calibrate"}
+_LAZY_HELP = {
+    "train": "meta-train a MEND editor",
+    "eval": "evaluate editors",
+    "calibrate": "choose a trained editor's edit step size on its validation split",
+}
 
 
 def _flag(name: str) -> str:
@@ -111,8 +116,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=serve)
 
     for name, module in _LAZY.items():
-        p = sub.add_parser(name, help=f"{'meta-train a MEND editor' if name == 'train' else 'evaluate editors'} "
-                                      f"({module})")
+        p = sub.add_parser(name, help=f"{_LAZY_HELP[name]} ({module})")
         if command == name:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
