@@ -38,4 +38,4 @@ clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
 
 results: setup
-	$(BIN)/python -m tools.results --full -1
+	$(BIN)/python -m tools.results --compare 40 --scale 100 --ft-steps 15 --full -1

@@ -17,7 +17,11 @@ import argparse
 import json
 import logging
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,6 +191,28 @@ class EditorTrainer:
         return self.editor.nets.state_dict()
 
 
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt while training, so the run stops cleanly.
+
+    Needed because a job started in the background has SIGINT ignored (Python then never raises
+    KeyboardInterrupt), and time limits and process managers send SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def train_val_split(cfg: TrainConfig) -> tuple[list[EditRecord], list[EditRecord]]:
     """The (train, validation) records of a run: a seeded split of ``cfg.data``, so it can be redone."""
     records = [r for path in cfg.data for r in load_records(path, cfg.format, cfg.limit)]
@@ -212,28 +238,29 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(range(1, cfg.steps + 1), desc="mend train", unit="step")
-    try:
-        for step in bar:
-            batch = rng.sample(train_recs, min(cfg.edits_per_step, len(train_recs)))
-            stats = trainer.step(batch)
-            history["train"].append({"step": step, **stats})
-            bar.set_postfix(edit=f"{stats['edit_nll']:.2f}", kl=f"{stats['loc_kl']:.3f}")
-            if step % cfg.val_every == 0 or step == cfg.steps:
-                val = trainer.validate(val_recs)
-                history["val"].append({"step": step, "elapsed_s": time.perf_counter() - t0, **val})
-                (out / "history.json").write_text(json.dumps(history))
-                log.info("step %d val %s", step, _fmt(val))
-                if val["score"] > best:
-                    best, bad_rounds = val["score"], 0
-                    _save(out, cfg, trainer, {"step": step, "val": val, "unedited_val": baseline,
-                                              "wall_s": time.perf_counter() - t0})
-                else:
-                    bad_rounds += 1
-                    if bad_rounds >= cfg.patience:
-                        log.info("early stop at step %d (no improvement in %d validations)", step, bad_rounds)
-                        break
-    except KeyboardInterrupt:  # Ctrl-C (or SIGINT from a time limit) keeps the best checkpoint
-        log.warning("interrupted after %d steps; keeping the best checkpoint so far", len(history["train"]))
+    with stop_signals_interrupt():
+        try:
+            for step in bar:
+                batch = rng.sample(train_recs, min(cfg.edits_per_step, len(train_recs)))
+                stats = trainer.step(batch)
+                history["train"].append({"step": step, **stats})
+                bar.set_postfix(edit=f"{stats['edit_nll']:.2f}", kl=f"{stats['loc_kl']:.3f}")
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    val = trainer.validate(val_recs)
+                    history["val"].append({"step": step, "elapsed_s": time.perf_counter() - t0, **val})
+                    (out / "history.json").write_text(json.dumps(history))
+                    log.info("step %d val %s", step, _fmt(val))
+                    if val["score"] > best:
+                        best, bad_rounds = val["score"], 0
+                        _save(out, cfg, trainer, {"step": step, "val": val, "unedited_val": baseline,
+                                                  "wall_s": time.perf_counter() - t0})
+                    else:
+                        bad_rounds += 1
+                        if bad_rounds >= cfg.patience:
+                            log.info("early stop at step %d (no improvement in %d validations)", step, bad_rounds)
+                            break
+        except KeyboardInterrupt:  # Ctrl-C, SIGINT or SIGTERM: keep the best checkpoint
+            log.warning("interrupted after %d steps; keeping the best checkpoint so far", len(history["train"]))
     history["wall_s"] = time.perf_counter() - t0
     history["step_s"] = history["wall_s"] / max(1, len(history["train"]))
     history["prefix_cache"] = {"entries": len(trainer.cache), "hits": trainer.cache.hits,

@@ -35,6 +35,19 @@ def test_sweep_scores_every_factor_picks_the_best_and_leaves_the_editor_as_it_wa
     assert result.sweep[1] == {"scale": 1.0, **trainer.validate(records)}
 
 
+def test_locality_budget_picks_the_largest_factor_that_keeps_the_neighbourhood(tiny_tokenizer):
+    trainer = tiny_trainer(tiny_tokenizer)
+    records = load_records(FACTS)[:6]
+    # a floor nothing can reach: the gentlest factor; a floor everything clears: the strongest
+    assert calibrate_step_size(trainer, records, [0.5, 1.0, 2.0], unedited_neighborhood=2.0).scale == 0.5
+    assert calibrate_step_size(trainer, records, [0.5, 1.0, 2.0], unedited_neighborhood=-1.0).scale == 2.0
+    sweep = calibrate_step_size(trainer, records, [0.5, 1.0, 2.0]).sweep
+    floor = sorted(row["neighborhood"] for row in sweep)[1]  # exactly one or two factors clear it
+    chosen = calibrate_step_size(trainer, records, [0.5, 1.0, 2.0], unedited_neighborhood=floor,
+                                 locality_budget=0.0).scale
+    assert chosen == max(row["scale"] for row in sweep if row["neighborhood"] >= floor)
+
+
 def test_folding_a_factor_scales_the_edit_and_nothing_else(tiny_tokenizer):
     trainer = tiny_trainer(tiny_tokenizer)
     request = load_records(FACTS)[0].to_request()
@@ -64,13 +77,14 @@ def test_cli_calibrates_a_trained_checkpoint_in_place_on_its_own_validation_spli
         return load_file(str(out / "editor.safetensors"))["log_lr"]
 
     before = log_lr()
-    args = type("Args", (), {"editor": str(out), "out": None, "scales": [0.5, 2.0], "device": "cpu"})()
+    args = type("Args", (), {"editor": str(out), "out": None, "scales": [0.5, 2.0], "device": "cpu",
+                             "locality_budget": 0.05})()
     assert calibrate_run(args) == 0
     doc = json.loads((out / "editor_config.json").read_text())
     cal = doc["calibration"]
     assert cal["val_records"] == len(train_val_split(cfg)[1]) == 4
     assert [row["scale"] for row in cal["sweep"]] == [0.5, 2.0] and cal["scale"] in (0.5, 2.0)
-    assert cal["total_scale"] == cal["scale"]
+    assert cal["total_scale"] == cal["scale"] and cal["criterion"].startswith("largest factor")
     assert torch.allclose(log_lr(), before + math.log(cal["scale"]))
     assert doc["training"]["config"]["val_size"] == 4  # the training record is kept
 
@@ -80,6 +94,7 @@ def test_cli_refuses_a_checkpoint_without_training_config(tiny_tokenizer, tmp_pa
 
     trainer = tiny_trainer(tiny_tokenizer)
     checkpoint.save(tmp_path / "ed", trainer.cfg.mend, trainer.state(), {"model": "tiny"})
-    args = type("Args", (), {"editor": str(tmp_path / "ed"), "out": None, "scales": [0.5], "device": "cpu"})()
+    args = type("Args", (), {"editor": str(tmp_path / "ed"), "out": None, "scales": [0.5], "device": "cpu",
+                             "locality_budget": 0.05})()
     assert calibrate_run(args) == 2
     assert "no training config" in caplog.text

@@ -76,3 +76,26 @@ def test_prefix_cache_gives_the_same_loss_as_recomputing(tiny_llama, tiny_tokeni
         losses.append(trainer.step(records))
         assert len(trainer.cache) == (0 if not cached else len(trainer.cache)) and (len(trainer.cache) > 0) == cached
     assert abs(losses[0]["loss"] - losses[1]["loss"]) < 1e-5
+
+
+def test_sigterm_stops_training_and_keeps_the_best_checkpoint(tiny_gpt2, tiny_tokenizer, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real_step = EditorTrainer.step
+    calls = []
+
+    def step_then_terminate(self, records):
+        calls.append(1)
+        if len(calls) == 3:  # as a time limit or a process manager would
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, records)
+
+    monkeypatch.setattr(EditorTrainer, "step", step_then_terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = TrainConfig(data=[FACTS], out=str(tmp_path / "ed"), val_size=4, steps=50, val_every=1,
+                      edits_per_step=2, mend=MendConfig(rank=8, last_blocks=1))
+    history = train(cfg, LoadedModel(tiny_gpt2, tiny_tokenizer, "tiny", "memory"))
+    assert len(history["train"]) == 2  # the third step was interrupted, the run did not go on to 50
+    assert (tmp_path / "ed" / "editor.safetensors").is_file() and (tmp_path / "ed" / "training.png").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before
