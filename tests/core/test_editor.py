@@ -62,3 +62,29 @@ def test_subject_keyed_factors_use_only_subject_tokens(tiny_llama, tiny_tokenize
     editor = MendEditor.untrained(stack, MendConfig(rank=8, factor_tokens="subject"))
     delta = editor.compute_delta(tiny_llama, tiny_tokenizer, [EditRequest(f["prompt"], f["target_new"], f["subject"])])
     assert {u.rank for u in delta.updates.values()} == {int(batch.key_mask.sum())}
+
+
+def test_edit_runs_the_output_layer_at_target_positions_only_and_gets_the_full_gradient(
+    tiny_model, tiny_tokenizer, facts
+):
+    from editor_core.grads import capture_factors
+
+    stack = EditStack(tiny_model, resolve_targets(tiny_model))
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2))
+    reqs = [EditRequest(f["prompt"], f["target_new"]) for f in facts[:3]]
+    head = tiny_model.get_output_embeddings()
+    rows = []
+    handle = head.register_forward_hook(lambda _m, inp, _out: rows.append(inp[0].shape[0]))
+    try:
+        delta = editor.compute_delta(tiny_model, tiny_tokenizer, reqs)
+    finally:
+        handle.remove()
+    batch = build_batch(tiny_tokenizer, [r.prompt for r in reqs], [r.target for r in reqs])
+    assert rows == [int(batch.target_mask.sum())]  # one (N, d) call: N target tokens, not B x T
+    # the same factors as a backward from the full (B, T, V) logits
+    full = capture_factors(tiny_model, editor.targets, batch)
+    with torch.no_grad():
+        want = editor.updates_from_factors(full)
+    for name, up in want.items():
+        torch.testing.assert_close(delta.updates[name].u, up.u, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(delta.updates[name].v, up.v, atol=1e-6, rtol=1e-4)
