@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from editor_core import checkpoint
-from editor_core.batching import build_batch, selected_target_nll, target_positions
+from editor_core.batching import build_batch
 from editor_core.config import MendConfig
 from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.grads import TokenFactors, capture_factors
@@ -87,14 +87,7 @@ class MendEditor:
             tokenizer, [r.prompt for r in requests], [r.target for r in requests], self.config.max_len,
             subjects=self.factor_subjects([r.subject for r in requests]),
         ).to(_device_of(model))
-        select = target_positions(batch)  # (B, T)
-
-        def run() -> torch.Tensor:  # (N, V): the output layer only where the edit loss reads it
-            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      use_cache=False).last_hidden_state  # (B, T, d)
-            return model.get_output_embeddings()(hidden[select])
-
-        factors = capture_factors(model, self.targets, batch, run=run, loss_fn=selected_target_nll)
+        factors = capture_factors(model, self.targets, batch)  # output layer at target positions only
         with torch.no_grad():
             updates = self.updates_from_factors(factors)
         updates = {n: LowRankUpdate(u.u.detach(), u.v.detach()) for n, u in updates.items()}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from editor_core.batching import TokenBatch, mean_target_nll
+from editor_core.batching import TokenBatch, selected_target_nll, target_positions
 from editor_core.targets import Target
 
 
@@ -62,16 +62,20 @@ def capture_factors(
     targets: list[Target],
     batch: TokenBatch,
     run: Callable[[], torch.Tensor] | None = None,
-    loss_fn: Callable[[torch.Tensor, TokenBatch], torch.Tensor] = mean_target_nll,
+    loss_fn: Callable[[torch.Tensor, TokenBatch], torch.Tensor] = selected_target_nll,
 ) -> TokenFactors:
     """One forward/backward of the edit loss; returns (x, delta) for the factor tokens of ``batch``.
 
-    ``run`` returns logits (B, T, V) for ``batch``; by default the full model on its ids (pass a tail
-    runner to start from cached prefix states). Model parameters get no ``.grad``.
+    ``run`` returns the logits ``loss_fn`` reads. By default the full model runs on the batch's ids
+    and its output layer only at :func:`target_positions` (N, V): the (V x d) head is the largest
+    matrix of a small LM and the loss reads nothing else. Pass a tail runner to start from cached
+    prefix states. Model parameters get no ``.grad``.
     """
     if run is None:
-        def run() -> torch.Tensor:
-            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        def run() -> torch.Tensor:  # (N, V)
+            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      use_cache=False).last_hidden_state  # (B, T, d)
+            return model.get_output_embeddings()(hidden[target_positions(batch)])
 
     with torch.enable_grad(), recording(model, targets) as seen:
         logits = run()  # (B, T, V)

@@ -82,7 +82,10 @@ def test_edit_runs_the_output_layer_at_target_positions_only_and_gets_the_full_g
     batch = build_batch(tiny_tokenizer, [r.prompt for r in reqs], [r.target for r in reqs])
     assert rows == [int(batch.target_mask.sum())]  # one (N, d) call: N target tokens, not B x T
     # the same factors as a backward from the full (B, T, V) logits
-    full = capture_factors(tiny_model, editor.targets, batch)
+    def full_logits():
+        return tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    full = capture_factors(tiny_model, editor.targets, batch, run=full_logits, loss_fn=mean_target_nll)
     with torch.no_grad():
         want = editor.updates_from_factors(full)
     for name, up in want.items():
