@@ -41,7 +41,8 @@ def save(path: str | Path, config: MendConfig, state: dict[str, torch.Tensor], i
     save_file(tensors, str(out / (WEIGHTS + ".tmp")))
     os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)
     doc = {"format_version": FORMAT_VERSION, "mend": config.to_dict(), **info}
-    (out / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    (out / (CONFIG + ".tmp")).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.replace(out / (CONFIG + ".tmp"), out / CONFIG)  # a reader never sees half a file
     return out
 
 

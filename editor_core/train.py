@@ -192,22 +192,27 @@ class EditorTrainer:
 
 
 @contextmanager
-def stop_signals_interrupt() -> Iterator[None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt while training, so the run stops cleanly.
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event that SIGINT or SIGTERM sets while training; the loop stops after the current step.
 
-    Needed because a job started in the background has SIGINT ignored (Python then never raises
-    KeyboardInterrupt), and time limits and process managers send SIGTERM.
+    Stopping between steps never cuts a checkpoint write in half. Handlers are installed (not left
+    to Python's default) because a job started in the background has SIGINT ignored, and time limits
+    and process managers send SIGTERM. A second signal raises KeyboardInterrupt: stop right now.
     """
+    stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
 
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    def request_stop(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        log.warning("%s: stopping after this step (send it again to stop now)", signal.Signals(signum).name)
+        stop.set()
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -238,7 +243,7 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(range(1, cfg.steps + 1), desc="mend train", unit="step")
-    with stop_signals_interrupt():
+    with stop_on_signals() as stop:
         try:
             for step in bar:
                 batch = rng.sample(train_recs, min(cfg.edits_per_step, len(train_recs)))
@@ -259,7 +264,9 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
                         if bad_rounds >= cfg.patience:
                             log.info("early stop at step %d (no improvement in %d validations)", step, bad_rounds)
                             break
-        except KeyboardInterrupt:  # Ctrl-C, SIGINT or SIGTERM: keep the best checkpoint
+                if stop.is_set():
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:  # a signal (or a second one, mid-step): keep the best checkpoint
             log.warning("interrupted after %d steps; keeping the best checkpoint so far", len(history["train"]))
     history["wall_s"] = time.perf_counter() - t0
     history["step_s"] = history["wall_s"] / max(1, len(history["train"]))
