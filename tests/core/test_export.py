@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
 from conftest import make_tiny_gpt2, make_tiny_llama
@@ -21,8 +22,6 @@ from editor_core.export import (
 from editor_core.fingerprint import targets_sha256
 from editor_core.stack import EditStack
 from editor_core.targets import read_weight, resolve_targets
-
-peft = pytest.importorskip("peft")
 
 MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 PEFT_ATOL = 1e-5  # fp32 logits of W x + B (A x) against (W + B A) x on the tiny models (observed ~1e-6)
