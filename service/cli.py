@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import socket
 import sys
 import typing
 
@@ -19,11 +20,13 @@ from service.settings import Settings
 log = logging.getLogger("mend")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-_LAZY = {"train": "editor_core.train", "eval": "editor_core.evaluate", "calibrate": "editor_core.calibrate"}
+_LAZY = {"train": "editor_core.train", "eval": "editor_core.evaluate", "calibrate": "editor_core.calibrate",
+         "export": "service.export"}
 _LAZY_HELP = {
     "train": "meta-train a MEND editor",
     "eval": "evaluate editors",
     "calibrate": "choose a trained editor's edit step size on its validation split",
+    "export": "write the model at a journal version as a Hugging Face directory or a PEFT LoRA adapter",
 }
 
 
@@ -57,7 +60,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run the HTTP service under uvicorn until SIGINT/SIGTERM."""
+    """Run the HTTP service under uvicorn until SIGINT/SIGTERM.
+
+    Returns 1 (after a clean shutdown) when the service cannot serve: the port is taken, startup
+    failed, or the embedded redis-server died. A process that stays up but is never ready would wait
+    for a human; one that exits non-zero is restarted by docker (``restart: unless-stopped``),
+    systemd (``Restart=on-failure``) or Kubernetes, and the restart recovers from the journal.
+    """
     import uvicorn
 
     from service.logs import configure_logging
@@ -69,10 +78,46 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("no API keys configured: binding 127.0.0.1 instead of %s (set MEND_API_KEYS to "
                     "serve other hosts)", settings.host)
         settings = settings.model_copy(update={"host": "127.0.0.1"})
+    try:  # bind first: a port in use fails here, before redis or the model are started for nothing
+        sock = _listen_socket(settings.host, settings.port)
+    except OSError as err:
+        log.error("mend serve cannot listen on %s:%d: %s; exiting with status 1", settings.host, settings.port, err)
+        return 1
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                           access_log=False, timeout_graceful_shutdown=30))
+    failures: list[str] = []
+
+    def on_failure(reason: str) -> None:
+        failures.append(reason)
+        server.should_exit = True  # uvicorn checks it every tick, then runs the lifespan shutdown
+
+    app.state.runtime.on_failure = on_failure
+    log.info("mend serve listening on http://%s:%d", settings.host, sock.getsockname()[1])
+    try:
+        server.run(sockets=[sock])
+    except SystemExit as exit_:  # uvicorn exits 3 when the lifespan startup itself fails
+        failures.append(f"uvicorn exited with {exit_.code}")
+    finally:
+        sock.close()
+    if failures:
+        log.error("mend serve cannot serve: %s; exiting with status 1 so that a supervisor restarts it",
+                  failures[0])
+        return 1
     return 0
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn, made as uvicorn makes its own (SO_REUSEADDR)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def prepare_model(args: argparse.Namespace) -> int:

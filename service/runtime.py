@@ -8,6 +8,11 @@ says 503 until the service can really serve:
 
 The writer lock is taken as soon as the model's fingerprint is known, because the lock lives in the
 fingerprint's key namespace; nothing reads or writes the journal before it is held.
+
+A failed startup, or an embedded redis-server that dies under a running service, calls
+``on_failure(reason)``: ``mend serve`` sets it to end the process with a non-zero status, so that a
+supervisor restarts it (the restart recovers from the AOF). Without it (``create_app`` in tests) the
+runtime just reports ``failed`` / ``journal_unavailable`` on ``/health/ready``.
 """
 
 from __future__ import annotations
@@ -85,16 +90,21 @@ def default_editors(stack: EditStack, model, tokenizer, settings: Settings) -> d
 
 @dataclass
 class Status:
-    phase: str = "starting"  # starting | connecting | loading | locking | replaying | ready | failed | stopped
+    # starting | connecting | loading | locking | replaying | ready | failed | journal_unavailable | stopped
+    phase: str = "starting"
     error: str | None = None
+
+
+WATCH_INTERVAL_S = 0.5  # how often the embedded redis-server's liveness is polled (a waitpid, no I/O)
 
 
 class Runtime:
     """Owns redis, the lock, the engine and the worker of one app instance."""
 
     def __init__(self, settings: Settings, metrics: Metrics, loader: Loader | None = None,
-                 editors: EditorsFactory | None = None):
+                 editors: EditorsFactory | None = None, on_failure: Callable[[str], None] | None = None):
         self.settings = settings
+        self.on_failure = on_failure
         self.metrics = metrics
         self.loader = loader or default_loader
         self.editors_factory = editors or default_editors
@@ -107,11 +117,31 @@ class Runtime:
         self.worker: ModelWorker | None = None
         self.model_source: str | None = None
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._ready = threading.Event()
+        self._closing = threading.Event()
+        self._failed_once = threading.Lock()
 
     @property
     def ready(self) -> bool:
+        if self._note_journal_lost():
+            return False
         return self._ready.is_set() and self.worker is not None and self.worker.alive
+
+    def _note_journal_lost(self) -> bool:
+        """True (and the status says why) when the embedded redis-server died under the service."""
+        lost = self.journal_lost()
+        if lost is not None:
+            self.status.phase, self.status.error = "journal_unavailable", lost
+        return lost is not None
+
+    def journal_lost(self) -> str | None:
+        """Why the embedded redis-server is gone while it should run, or None (cheap: a waitpid)."""
+        embedded = self.embedded
+        if embedded is None or embedded.stopping or self._closing.is_set():
+            return None
+        code = embedded.returncode
+        return None if code is None else f"embedded redis-server pid {embedded.pid} exited with {code}"
 
     def start(self) -> None:
         """Begin startup on a background thread."""
@@ -136,6 +166,7 @@ class Runtime:
             else:
                 self.embedded = EmbeddedRedis(s.data_dir).start()
                 self.client = redis.Redis.from_url(self.embedded.url)
+                self._watch_embedded()
             self.client.ping()
             self._phase("loading")
             if s.torch_threads:
@@ -148,6 +179,8 @@ class Runtime:
             stack = EditStack(model, stack_targets(model, mend_editor_dir(s)))
             self.journal = Journal(self.client, stack.fingerprint, s.redis_prefix)
             self._phase("locking")
+            if self.embedded is not None:
+                self._drop_stale_lock()
             self.lock = WriterLock(self.client, self.journal.lock_key, s.lock_ttl_ms)
             self.lock.acquire(wait_s=s.lock_wait_s)
             self.lock.start_heartbeat()
@@ -170,13 +203,51 @@ class Runtime:
         except Exception as err:
             self.status.phase, self.status.error = "failed", f"{type(err).__name__}: {err}"
             log.exception("startup failed")
+            self._fail(f"startup failed: {self.status.error}")
         finally:
             self._ready.set()
 
+    def _drop_stale_lock(self) -> None:
+        """Embedded journal: a writer lock found in it was left by a crashed service, so drop it
+        rather than wait out its ttl. Nobody alive can hold it: this process holds the data dir's
+        flock and started this redis-server itself on a new port, so the holder's heartbeat went
+        with the redis-server it was talking to."""
+        key = self.journal.lock_key
+        holder = self.client.get(key)
+        if holder is not None and self.client.delete(key):
+            log.warning("writer lock left by a crashed service removed (embedded journal: no other holder "
+                        "is possible)", extra={"lock": key, "holder": holder.decode(errors="replace")})
+
+    def _watch_embedded(self) -> None:
+        """Start the thread that notices the embedded redis-server dying under the service."""
+        self._watcher = threading.Thread(target=self._watch, name="redis-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._closing.wait(WATCH_INTERVAL_S):
+            if self._note_journal_lost():
+                lost = self.status.error or "embedded redis-server exited"
+                self.metrics.ready.set(0)
+                log.error("the journal is gone: %s", lost, extra={"phase": "journal_unavailable"})
+                self._fail(lost)
+                return
+
+    def _fail(self, reason: str) -> None:
+        """Tell the owner (once) that this runtime cannot serve; ``mend serve`` then exits non-zero."""
+        if self.on_failure is None or self._closing.is_set() or not self._failed_once.acquire(blocking=False):
+            return
+        try:
+            self.on_failure(reason)
+        except Exception:  # the hook must not take the startup or watcher thread's report down with it
+            log.exception("on_failure hook raised")
+
     def shutdown(self) -> None:
         """Stop the worker, release the lock, close redis, stop the embedded server."""
+        self._closing.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         self.metrics.ready.set(0)
         if self.worker is not None:
             self.worker.stop()

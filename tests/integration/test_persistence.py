@@ -66,7 +66,12 @@ def test_embedded_redis_killed_and_restarted_from_aof_keeps_the_journal(tiny_tok
         assert embedded is not None and (tmp_path / "var" / "journal.aof").exists()
         embedded.kill()  # SIGKILL, as a crash: only what was fsynced survives
         r = c.post("/edit", json={"requests": [{"prompt": "x", "target": "y"}], "method": "ft"})
-        assert r.status_code == 503 and r.json()["code"] == "journal_unavailable"
+        # the runtime sees its embedded redis-server gone (a waitpid): no longer ready, and says why
+        assert r.status_code == 503 and r.json()["code"] == "not_ready"
+        assert "journal_unavailable: embedded redis-server pid" in r.json()["detail"]
+        ready = c.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "journal_unavailable"
+        assert ready.json()["error"].endswith("exited with -9")
         assert engine_of(c).stack.sha256() == before["sha"]  # the failed edit left the weights alone
     # a new service on the same data dir starts redis from its AOF and replays
     with serving(settings, tiny_tokenizer) as c:
