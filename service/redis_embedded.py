@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+LEFTOVER_GRACE_S = 2.0  # how long a redis-server that is not provably ours may take to finish exiting
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -179,6 +180,10 @@ class EmbeddedRedis:
                         "and starting a new redis-server", found.pid, found.cmdline,
                         extra={"pid": found.pid, "dir": str(self.data_dir)})
             self.pidfile.unlink(missing_ok=True)
+        elif found.kind == "foreign" and redis_leftover.wait_gone(found.pid, LEFTOVER_GRACE_S):
+            # a server on its way out (SIGTERM from its dead parent, mid-shutdown) stops answering
+            # PING before it exits: once gone, its pid file is merely stale
+            log.info("redis-server pid %d exited while being examined", found.pid, extra={"pid": found.pid})
         elif found.kind == "foreign":
             raise EmbeddedRedisError(
                 f"redis-server pid {found.pid} ({found.cmdline}) already uses {self.data_dir} (left over from a "
@@ -240,7 +245,7 @@ class EmbeddedRedis:
 
     def _wait_ping(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis_leftover.one_shot_client(self.port, 0.5)  # this loop is the retry
         try:
             while True:
                 if self.proc.poll() is not None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +136,17 @@ def argv_mismatch(argv: list[str], data_dir: Path) -> str | None:
     return None
 
 
+def one_shot_client(port: int, timeout_s: float) -> redis.Redis:
+    """A client that does not retry: redis-py's default retries would turn SHUTDOWN's expected
+    ConnectionError, or a port nobody answers on, into seconds of backoff."""
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                       retry=Retry(NoBackoff(), 0))
+
+
 def probe_server(pid: int, port: int, data_dir: Path, timeout_s: float = 2.0) -> str | None:
     """Ask the server on 127.0.0.1:``port`` who it is; None when it is ``pid`` serving this dir's AOF,
     else why not."""
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    client = one_shot_client(port, timeout_s)
     try:
         client.ping()
         served_by = int(client.info("server").get("process_id", -1))
@@ -193,7 +202,7 @@ def shut_down(found: Leftover, timeout_s: float = 10.0) -> None:
     SIGKILL only if it is still there after ``timeout_s`` (the AOF is ``appendfsync always``, so
     even then nothing acknowledged is lost). Raises RuntimeError if it outlives that too."""
     assert found.kind == "ours" and found.pid is not None and found.port is not None
-    client = redis.Redis(host="127.0.0.1", port=found.port, socket_timeout=timeout_s)
+    client = one_shot_client(found.port, timeout_s)
     try:
         client.shutdown()  # returns when the server closes the connection on its way out
     except redis.RedisError as err:
