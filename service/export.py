@@ -24,15 +24,17 @@ from pathlib import Path
 
 import redis
 import torch
+from pydantic import ValidationError
 
 from editor_core.checkpoint import stack_targets
 from editor_core.delta import DeltaFormatError, EditDelta
 from editor_core.export import error_table, lora_factors, save_adapter, save_model_dir
+from editor_core.models import ModelNotFoundError
 from editor_core.stack import EditStack
 from editor_core.targets import Target
 from service import redis_leftover
 from service.journal import Head, Journal, utc_now
-from service.redis_embedded import EmbeddedRedis
+from service.redis_embedded import EmbeddedRedis, EmbeddedRedisError
 from service.runtime import Loader, default_loader, mend_editor_dir
 from service.settings import Settings
 
@@ -143,7 +145,10 @@ def journal_client(settings: Settings) -> Iterator[redis.Redis]:
             if not (data_dir / redis_leftover.AOF_NAME).exists():
                 raise ExportError(f"no journal in {data_dir} (no append-only file): set MEND_DATA_DIR to the "
                                   "service's data dir or MEND_REDIS_URL to its Redis")
-            embedded = EmbeddedRedis(data_dir).start()
+            try:
+                embedded = EmbeddedRedis(data_dir).start()
+            except EmbeddedRedisError as err:
+                raise ExportError(f"cannot open the journal in {data_dir}: {err}") from err
             url = embedded.url
     client = redis.Redis.from_url(url)
     try:
@@ -182,6 +187,10 @@ def _is_export(out: Path) -> bool:
 
 def _publish(tmp: Path, out: Path) -> None:
     """Move the finished export into place (replacing an empty dir or, with --force, an earlier export)."""
+    # safetensors writes 0600 files whatever the umask; a server running as another user (a container)
+    # must read them. Who may enter the directory is still the umask's decision (mkdir honours it).
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     if out.is_dir():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         out.rename(old)
@@ -312,14 +321,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mend export``: 0 on success, 2 when refused (nothing written)."""
-    settings = Settings(**{n: getattr(args, n) for n in SETTING_FLAGS if hasattr(args, n)})
     try:
+        settings = Settings(**{n: getattr(args, n) for n in SETTING_FLAGS if hasattr(args, n)})
         doc = export(settings, args.out, args.version, args.fmt, args.max_rank, args.force)
-    except ExportError as err:
+    except (ExportError, ModelNotFoundError, ValidationError) as err:
         log.error("export refused: %s", err)
         return 2
-    log.info("exported version %d (%d active edits, %s) to %s; targets sha256 %s matches the journal",
-             doc["version"], len(doc["edits"]), doc["kind"], args.out, doc["sha256"][:16])
+    checked = "matches the journal" if doc["journal_sha256"] else "(the base: version 0 has no journal sha256)"
+    log.info("exported version %d (%d active edits, %s) to %s; targets sha256 %s %s", doc["version"],
+             len(doc["edits"]), doc["kind"], args.out, doc["sha256"][:16], checked)
     for name, a in doc.get("adapter", {}).items():
         log.info("  %s: rank %d of %d, relative Frobenius error %.3e", name, a["rank"], a["exact_rank"],
                  a["rel_frobenius_error"])

@@ -98,6 +98,7 @@ def test_head_is_the_default_and_rollbacks_are_listed(history, tmp_path):
     assert doc["version"] == 4 and len(doc["edits"]) == 2 and len(doc["rolled_back"]) == 1
     assert doc["rolled_back"][0]["version"] == 3
     assert (tmp_path / "out" / "tokenizer.json").is_file() and (tmp_path / "out" / "config.json").is_file()
+    assert all(p.stat().st_mode & 0o644 == 0o644 for p in (tmp_path / "out").iterdir())  # not safetensors' 0600
 
 
 def test_peft_adapter_on_the_base_gives_the_version_logits(history, tmp_path):
