@@ -189,8 +189,9 @@ def _publish(tmp: Path, out: Path) -> None:
     """Move the finished export into place (replacing an empty dir or, with --force, an earlier export)."""
     # safetensors writes 0600 files whatever the umask; a server running as another user (a container)
     # must read them. Who may enter the directory is still the umask's decision (mkdir honours it).
-    for f in tmp.iterdir():
-        f.chmod(0o644)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)
     if out.is_dir():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         out.rename(old)
