@@ -70,7 +70,6 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.logs import configure_logging
-    from service.main import create_app
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
@@ -83,6 +82,8 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as err:
         log.error("mend serve cannot listen on %s:%d: %s; exiting with status 1", settings.host, settings.port, err)
         return 1
+    from service.main import create_app  # torch and transformers: seconds, so after the port check
+
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                            access_log=False, timeout_graceful_shutdown=30))
