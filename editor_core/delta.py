@@ -54,6 +54,10 @@ class EditDelta:
     updates: dict[str, LowRankUpdate]  # target name -> factors
     model_fingerprint: str
     meta: dict[str, str] = field(default_factory=dict)  # e.g. method, editor id
+    # target name -> (n, d_in) keys the update was solved for (locate-then-edit methods). They are
+    # journaled with the factors, so state derived from earlier edits (AlphaEdit's protected keys) is a
+    # function of the active deltas and survives rollback, replay and restart without a cache.
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """Serialize as safetensors: fp32 factors, metadata carries schema and fingerprint."""
@@ -61,6 +65,8 @@ class EditDelta:
         for name, upd in self.updates.items():
             tensors[f"{name}::u"] = upd.u.detach().float().contiguous().cpu()
             tensors[f"{name}::v"] = upd.v.detach().float().contiguous().cpu()
+        for name, k in self.keys.items():
+            tensors[f"{name}::k"] = k.detach().float().contiguous().cpu()
         metadata = {
             "schema": SCHEMA_VERSION,
             "model_fingerprint": self.model_fingerprint,
@@ -99,7 +105,8 @@ class EditDelta:
                     raise DeltaFormatError(
                         f"delta for {name!r} has shape {upd.shape}, the target is {tuple(expected_shapes[name])}"
                     )
-        return cls(updates, fingerprint, json.loads(metadata.get("meta", "{}")))
+        keys = {name: tensors[f"{name}::k"] for name in names if f"{name}::k" in tensors}
+        return cls(updates, fingerprint, json.loads(metadata.get("meta", "{}")), keys)
 
     def nbytes(self) -> int:
         """Bytes held by the factors (what the journal stores, before safetensors headers)."""

@@ -6,6 +6,11 @@
 - efficacy_acc / paraphrase_acc: teacher-forced token accuracy of target_new (EasyEdit style).
 - locality_acc: share of locality-answer tokens whose teacher-forced argmax is the same after the
   edit as before it (post-edit only; by definition 1 before).
+- success / paraphrase_success: the greedy continuation of the prompt (of each rephrase) is exactly
+  target_new, i.e. every target token is the argmax under teacher forcing: what ``/edit`` reports and
+  what a user sees. Efficacy (new beats old) can be high while success is low.
+- neighbour_kept: share of locality prompts whose greedy continuation, for the locality answer's
+  length in tokens, is the same token ids after the edit as before it.
 - edit_ms: wall time of ``compute_delta`` + ``stack.apply`` for one edit call (median, p95).
 
 Records without a ground truth skip efficacy/paraphrase; records without rephrases or locality pairs
@@ -29,12 +34,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from editor_core.batching import target_ids
 from editor_core.data import EditRecord
+from editor_core.greedy import greedy_ids, still_greedy
 from editor_core.scoring import TargetScore, score_targets
 
 log = logging.getLogger(__name__)
 
-METRICS = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc", "locality_acc")
+METRICS = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc", "locality_acc",
+           "success", "paraphrase_success", "neighbour_kept")
 
 
 @dataclass
@@ -94,6 +102,8 @@ def record_metrics(s: RecordScores, pre: RecordScores | None = None) -> dict[str
         "neighborhood": _mean([float(a.mean_logprob > n.mean_logprob) for a, n in s.locality]),
         "efficacy_acc": s.new.token_acc,
         "paraphrase_acc": _mean([n.token_acc for n, _ in s.rephrase]),
+        "success": float(s.new.token_acc == 1.0),
+        "paraphrase_success": _mean([float(n.token_acc == 1.0) for n, _ in s.rephrase]),
     }
     if pre is not None:
         same = total = 0
@@ -165,6 +175,17 @@ def evaluate(
     for chunk in tqdm(_chunks(records, 64), desc="unedited", disable=not progress, unit="chunk"):
         pre_scores += score_records(model, tokenizer, chunk, score_batch_size)
     rows = [{"case_id": r.case_id, "pre": record_metrics(s)} for r, s in zip(records, pre_scores, strict=True)]
+    loc_prompts = [[lp.prompt for lp in r.locality] for r in records]
+    flat = [p for ps in loc_prompts for p in ps]
+    lengths = [len(target_ids(tokenizer, lp.answer)) for r in records for lp in r.locality]
+    loc_greedy_flat = greedy_ids(model, tokenizer, flat, lengths, score_batch_size) if flat else []
+    loc_greedy, at = [], 0
+    for ps in loc_prompts:
+        loc_greedy.append(loc_greedy_flat[at : at + len(ps)])
+        at += len(ps)
+    for row, ps in zip(rows, loc_prompts, strict=True):
+        if ps:
+            row["pre"]["neighbour_kept"] = 1.0
     report = EvalReport(
         method=None if editor is None else editor.method, n_records=len(records), batch_size=batch_size,
         sequential=sequential, pre=mean_metrics([row["pre"] for row in rows]), post={}, edit_ms={}, rows=rows,
@@ -193,6 +214,8 @@ def evaluate(
                 applied.append(edit_id)
                 metas += [dict(delta.meta)] * len(batch)
             post = score_records(model, tokenizer, recs, score_batch_size)
+            kept = [still_greedy(model, tokenizer, loc_prompts[g0 + k], loc_greedy[g0 + k], score_batch_size)
+                    if loc_prompts[g0 + k] else None for k in range(len(recs))]
         finally:
             if len(applied) == 1:
                 stack.revert(applied[0])
@@ -200,6 +223,8 @@ def evaluate(
                 stack.rebuild(prior)  # one pass back to the entry state (same addmm order: bit exact)
         for k, s in enumerate(post):
             rows[g0 + k]["post"] = record_metrics(s, pre_scores[g0 + k])
+            if kept[k] is not None:
+                rows[g0 + k]["post"]["neighbour_kept"] = _mean([float(x) for x in kept[k]])
             rows[g0 + k]["edit"] = metas[k]  # the delta's meta (steps, editor id...) of its edit call
         bar.update(len(recs))
     bar.close()

@@ -20,17 +20,18 @@ class FamilySpec:
     blocks: str  # dotted path of the ModuleList of transformer blocks
     mlp: tuple[str, ...]  # module names inside one block
     transposed: bool  # weights stored as (d_in, d_out) (GPT-2 Conv1D)
+    out_proj: str  # the MLP's output projection: its input is the "key" of locate-then-edit methods
 
 
 # model_type (transformers config) -> family spec. Adding an architecture is one row here.
 FAMILIES: dict[str, FamilySpec] = {
-    "gpt2": FamilySpec("transformer.h", ("mlp.c_fc", "mlp.c_proj"), transposed=True),
-    "llama": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False),
-    "mistral": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False),
-    "qwen2": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False),
-    "smollm3": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False),
-    "gptj": FamilySpec("transformer.h", ("mlp.fc_in", "mlp.fc_out"), transposed=False),
-    "gpt_neo": FamilySpec("transformer.h", ("mlp.c_fc", "mlp.c_proj"), transposed=False),
+    "gpt2": FamilySpec("transformer.h", ("mlp.c_fc", "mlp.c_proj"), True, "mlp.c_proj"),
+    "llama": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False, "mlp.down_proj"),
+    "mistral": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False, "mlp.down_proj"),
+    "qwen2": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False, "mlp.down_proj"),
+    "smollm3": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False, "mlp.down_proj"),
+    "gptj": FamilySpec("transformer.h", ("mlp.fc_in", "mlp.fc_out"), False, "mlp.fc_out"),
+    "gpt_neo": FamilySpec("transformer.h", ("mlp.c_fc", "mlp.c_proj"), False, "mlp.c_proj"),
 }
 
 DEFAULT_LAST_BLOCKS = 3
@@ -103,6 +104,12 @@ def resolve_targets(
         d_out, d_in = (cols, rows) if spec.transposed else (rows, cols)
         targets.append(Target(name, block, spec.transposed, d_in=d_in, d_out=d_out))
     return targets
+
+
+def out_proj_targets(model: nn.Module, layers: list[int]) -> list[Target]:
+    """The MLP output projections of ``layers`` (what ROME/MEMIT/AlphaEdit edit), in layer order."""
+    spec = family_of(model)
+    return resolve_targets(model, [f"{spec.blocks}.{b}.{spec.out_proj}" for b in sorted(set(layers))])
 
 
 def weight_param(model: nn.Module, target: Target) -> nn.Parameter:

@@ -1,0 +1,68 @@
+"""Greedy continuations as token ids, and whether a model still produces them.
+
+What a user sees of a prompt is its greedy continuation. ``greedy_ids`` decodes it once; afterwards
+``still_greedy`` checks, in one teacher-forced forward pass, whether another model state would
+decode exactly the same tokens (it does iff every token is the argmax given the ones before it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from editor_core.batching import prompt_ids
+
+
+def _right_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+
+
+@torch.no_grad()
+def greedy_ids(model: nn.Module, tokenizer, prompts: list[str], lengths: list[int],
+               batch_size: int = 32) -> list[list[int]]:
+    """The first ``lengths[i]`` greedily decoded token ids after each prompt."""
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tokenizer, p) for p in prompts[s : s + batch_size]]
+        want = lengths[s : s + batch_size]
+        gen: list[list[int]] = [[] for _ in rows]
+        for _ in range(max(want, default=0)):
+            seqs = [r + g for r, g in zip(rows, gen, strict=True)]
+            ids, mask = _right_padded(seqs, _pad_id(tokenizer), device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+            last = mask.sum(-1) - 1  # (B,)
+            nxt = logits[torch.arange(len(seqs), device=device), last].argmax(-1).tolist()
+            for i, t in enumerate(nxt):
+                if len(gen[i]) < want[i]:
+                    gen[i].append(int(t))
+        out += gen
+    return out
+
+
+@torch.no_grad()
+def still_greedy(model: nn.Module, tokenizer, prompts: list[str], continuations: list[list[int]],
+                 batch_size: int = 32) -> list[bool]:
+    """For each prompt, True when greedy decoding would produce exactly ``continuations[i]``."""
+    device = next(model.parameters()).device
+    out: list[bool] = []
+    for s in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tokenizer, p) for p in prompts[s : s + batch_size]]
+        conts = continuations[s : s + batch_size]
+        ids, mask = _right_padded([r + c for r, c in zip(rows, conts, strict=True)], _pad_id(tokenizer), device)
+        argmax = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(-1)  # (B, T)
+        for i, (r, c) in enumerate(zip(rows, conts, strict=True)):
+            pred = argmax[i, len(r) - 1 : len(r) - 1 + len(c)].tolist()  # predictions of c's tokens
+            out.append(pred == list(c))
+    return out

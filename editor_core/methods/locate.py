@@ -1,0 +1,170 @@
+"""ROME, MEMIT and AlphaEdit: one editor class, three closed-form solves over the same keys and values.
+
+All three find, per fact, the state the last edited block must output at the subject's last token
+(:func:`~editor_core.methods.values.optimise_values`), then spread the change over the edited
+layers' MLP output projections, lowest layer first, each layer taking ``1 / layers left`` of the
+remaining residual ``R`` (n, d_out) at its keys ``K`` (n, d_in):
+
+- ``rome``: one layer, exact insertion with the smallest C-weighted change:
+  ``dW = R^T (K C^-1 K^T)^-1 K C^-1`` (rank one per fact; Meng et al. 2022).
+- ``memit``: least squares against the statistics, ``dW = R^T K (lam C + K^T K)^-1`` (Meng et al. 2023).
+- ``alphaedit``: the update's input side restricted to the null space ``P`` of the preserved keys
+  (the statistics) and kept off the keys of every edit still active at that layer, ``K_p``:
+  ``dW^T = (P (K_p^T K_p + K^T K) + lam I)^-1 P K^T R`` (Fang et al. 2025).
+
+Every solve is returned as exact factors ``u = R``, ``v = W`` (n rows each), and the keys ``K`` ride in
+the delta, so AlphaEdit's memory of earlier edits is read from the stack's *active* deltas: rolling
+an edit back, replaying the journal or restarting gives the state that never saw it, by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from editor_core.delta import EditDelta, LowRankUpdate
+from editor_core.methods.values import (
+    ValueConfig,
+    added_updates,
+    check_subjects,
+    keys_and_states,
+    optimise_values,
+)
+from editor_core.requests import EditRequest
+from editor_core.stack import EditStack
+from editor_core.stats import KeyStats, null_space_projector
+from editor_core.targets import Target, out_proj_targets
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rome", "memit", "alphaedit")
+CONFIG_FILE = "locate_config.json"
+
+
+@dataclass
+class LocateConfig:
+    """Which layers each method edits and how it solves; saved as JSON beside the key statistics."""
+
+    rome_layers: list[int] = field(default_factory=lambda: [8])
+    memit_layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    alphaedit_layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    memit_lambda: float = 15.0  # weight of the statistics (C is a mean over tokens, not a sum)
+    alphaedit_lambda: float = 1.0  # ridge on the update (AlphaEdit's L2)
+    null_dims: int = 1024  # dimensions of the preserved keys' null space AlphaEdit may write into
+    ridge: float = 1e-4  # times mean(diag C), added to C before inverting it
+    value: ValueConfig = field(default_factory=ValueConfig)
+
+    def layers(self, method: str) -> list[int]:
+        return {"rome": self.rome_layers, "memit": self.memit_layers, "alphaedit": self.alphaedit_layers}[method]
+
+    @property
+    def all_layers(self) -> list[int]:
+        return sorted(set(self.rome_layers) | set(self.memit_layers) | set(self.alphaedit_layers))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LocateConfig:
+        """Build from JSON, rejecting unknown keys."""
+        data = dict(data)
+        value = ValueConfig(**{k: (tuple(v) if k == "prefixes" else v) for k, v in data.pop("value", {}).items()})
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown LocateConfig keys: {sorted(unknown)}")
+        return cls(**data, value=value)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LocateConfig:
+        """The config saved in ``directory``, or the defaults when there is none."""
+        path = Path(directory) / CONFIG_FILE
+        return cls.from_dict(json.loads(path.read_text())) if path.is_file() else cls()
+
+
+class LocateEditor:
+    """ROME / MEMIT / AlphaEdit behind the :class:`~editor_core.protocol.Editor` protocol."""
+
+    def __init__(self, method: str, stack: EditStack, stats: KeyStats, config: LocateConfig | None = None):
+        if method not in METHODS:
+            raise ValueError(f"unknown locate-then-edit method {method!r}; choose from {METHODS}")
+        self.method = method
+        self.stack = stack
+        self.config = config or LocateConfig()
+        layers = self.config.layers(method)
+        missing = [layer for layer in layers if layer not in stats.moments]
+        if missing:
+            raise ValueError(f"the key statistics have no layers {missing} (they have {stats.layers}): "
+                             "run `mend stats` for them")
+        self.targets: list[Target] = out_proj_targets(stack.model, layers)
+        absent = [t.name for t in self.targets if t.name not in stack.targets]
+        if absent:
+            raise ValueError(f"{method}: targets {absent} are not covered by the edit stack")
+        self.fingerprint = stack.fingerprint
+        ridge = self.config.ridge
+        self._moments = {t.name: _ridged(stats.moments[t.block], ridge) for t in self.targets}  # (d_in, d_in)
+        self._c_inv = ({t.name: torch.linalg.inv(self._moments[t.name].double()).float() for t in self.targets}
+                       if method == "rome" else {})
+        self._projector = ({t.name: null_space_projector(stats.moments[t.block], self.config.null_dims)
+                            for t in self.targets} if method == "alphaedit" else {})
+
+    # ---- the Editor protocol -------------------------------------------------------------------
+    def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
+        """Values at the last layer, then one closed-form solve per layer, lowest first."""
+        if not requests:
+            raise ValueError("no edit requests")
+        check_subjects(requests, self.method)
+        cfg = self.config
+        last = self.targets[-1].block
+        values = optimise_values(model, tokenizer, requests, last, cfg.value)
+        solved: dict[str, tuple[Target, LowRankUpdate]] = {}
+        keys: dict[str, torch.Tensor] = {}
+        for i, target in enumerate(self.targets):
+            with added_updates(model, solved):
+                k, state = keys_and_states(model, tokenizer, requests, target, last, cfg.value.prefixes)
+            resid = (values.z - state) / (len(self.targets) - i)  # (n, d_out)
+            w = self._solve(target, k)  # (n, d_in)
+            solved[target.name] = (target, LowRankUpdate(u=resid.float(), v=w.float()))
+            keys[target.name] = k.float()
+        meta = {"method": self.method, "n_requests": str(len(requests)), "value_steps": str(values.steps),
+                "value_nll": f"{values.nll:.4f}", "layers": ",".join(str(t.block) for t in self.targets)}
+        return EditDelta({n: u for n, (_, u) in solved.items()}, self.fingerprint, meta, keys=keys)
+
+    # ---- solves --------------------------------------------------------------------------------
+    def _solve(self, target: Target, k: torch.Tensor) -> torch.Tensor:
+        """The input-side factor W (n, d_in) of dW = R^T W for keys ``k`` (n, d_in)."""
+        k = k.double()
+        name = target.name
+        if self.method == "rome":
+            c_inv_k = self._c_inv[name].double() @ k.t()  # (d_in, n)
+            gram = k @ c_inv_k  # (n, n)
+            return torch.linalg.solve(gram, c_inv_k.t()).float()  # (n, d_in)
+        if self.method == "memit":
+            a = self.config.memit_lambda * self._moments[name].double() + k.t() @ k  # (d_in, d_in)
+            return torch.linalg.solve(a, k.t()).t().float()  # (n, d_in); a is symmetric
+        p = self._projector[name].double()  # (d_in, d_in)
+        kp = self.earlier_keys(name).double()  # (m, d_in)
+        m = p @ (kp.t() @ kp + k.t() @ k) + self.config.alphaedit_lambda * torch.eye(k.shape[1], dtype=k.dtype)
+        return torch.linalg.solve(m, p @ k.t()).t().float()  # (n, d_in)
+
+    def earlier_keys(self, name: str) -> torch.Tensor:
+        """(m, d_in) keys of every active edit at target ``name``, read from the stack (not cached)."""
+        d_in = self.stack.targets[name].d_in
+        found = [self.stack.delta_of(i).keys[name] for i in self.stack.active_ids
+                 if name in self.stack.delta_of(i).keys]
+        return torch.cat([k.float() for k in found]) if found else torch.zeros(0, d_in)
+
+
+def _ridged(c: torch.Tensor, ridge: float) -> torch.Tensor:
+    c = c.float()
+    return c + ridge * c.diagonal().mean() * torch.eye(c.shape[0])

@@ -1,0 +1,248 @@
+"""What locate-then-edit methods share: subject positions, keys, and the value optimisation.
+
+For a fact (prompt with subject -> target) and an edited layer ``L``:
+
+- the *key* at layer ``l`` is the input of that block's MLP output projection at the subject's last
+  token, averaged over the prompt behind a few fixed prefixes (so the edit does not hinge on the
+  exact sentence start);
+- the *value* is the hidden state leaving block ``L`` at that token that makes the model say the
+  target: ``z = h + delta``, with ``delta`` found by a few Adam steps on the target's NLL behind every
+  prefix, plus a KL term that keeps "<subject> is a" as it was, a small weight decay and a norm bound.
+
+Only the blocks above ``L`` run during the optimisation: the hidden states leaving ``L`` are computed
+once (they do not depend on ``delta`` except at the subject's position, where it is added).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from editor_core.batching import IGNORE, prompt_ids_and_subject, target_ids
+from editor_core.delta import LowRankUpdate
+from editor_core.requests import EditRequest
+from editor_core.tail import prefix_states, tail_logits
+from editor_core.targets import Target
+
+# Short fixed openings the prompt is also read behind. Fixed (not sampled) so that an edit computed
+# twice on the same weights gives the same bits, which replay and tests rely on.
+DEFAULT_PREFIXES: tuple[str, ...] = ("", "The following is true. ", "Here is a fact: ", "I read that ",
+                                     "As everyone knows, ")
+KL_TEMPLATE = "{subject} is a"
+
+
+class SubjectError(ValueError):
+    """A request has no subject, or its subject does not occur in its prompt."""
+
+
+@dataclass
+class ValueConfig:
+    """Settings of the value optimisation (ROME/MEMIT's ``compute_z``)."""
+
+    steps: int = 25  # Adam steps at most
+    lr: float = 0.5  # Adam learning rate on delta
+    kl_weight: float = 0.0625  # KL(pre || post) on "<subject> is a"
+    weight_decay: float = 0.5  # times ||delta||^2 / ||h||^2
+    clamp_norm: float = 0.75  # ||delta|| <= clamp_norm * ||h||
+    stop_nll: float = 0.05  # stop once every request's target NLL is below this and every token is top-1
+    prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    labels: list[int]
+    subject_pos: int
+    request: int
+    kl: bool
+
+
+def check_subjects(requests: list[EditRequest], method: str) -> None:
+    """Every request must name a subject that occurs in its prompt (these methods key on it)."""
+    for i, r in enumerate(requests):
+        if not r.subject:
+            raise SubjectError(f"requests[{i}].subject: method {method!r} needs the subject the fact is about "
+                               "(the edit is keyed on its last token)")
+        if r.subject not in r.prompt:
+            raise SubjectError(f"requests[{i}].subject: {r.subject!r} does not occur in the prompt {r.prompt!r}")
+
+
+def _subject_last(tokenizer, text: str, subject: str) -> tuple[list[int], int]:
+    ids, flags = prompt_ids_and_subject(tokenizer, text, subject)
+    if not any(flags):
+        raise SubjectError(f"subject {subject!r} not found in {text!r}")
+    return ids, max(i for i, f in enumerate(flags) if f)
+
+
+def _rows(tokenizer, requests: list[EditRequest], prefixes: tuple[str, ...], with_kl: bool) -> list[_Row]:
+    rows = []
+    for i, r in enumerate(requests):
+        t_ids = target_ids(tokenizer, r.target)
+        for p in prefixes:
+            ids, pos = _subject_last(tokenizer, p + r.prompt, r.subject)
+            rows.append(_Row(ids + t_ids, [IGNORE] * len(ids) + t_ids, pos, i, kl=False))
+        if with_kl:
+            ids, pos = _subject_last(tokenizer, KL_TEMPLATE.format(subject=r.subject), r.subject)
+            rows.append(_Row(ids, [IGNORE] * len(ids), pos, i, kl=True))
+    return rows
+
+
+def _pad(rows: list[_Row], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r.ids)] = torch.tensor(r.ids)
+        mask[b, : len(r.ids)] = 1
+        labels[b, : len(r.labels)] = torch.tensor(r.labels)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _pad_id(tokenizer) -> int:
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+@dataclass
+class Values:
+    """Target hidden states for each request at the output of one block."""
+
+    z: torch.Tensor  # (n, d) wanted state leaving block ``layer`` at the subject's last token
+    h: torch.Tensor  # (n, d) the state there before the edit (bare prompt)
+    steps: int
+    nll: float  # mean target NLL at the end
+
+
+def optimise_values(model: nn.Module, tokenizer, requests: list[EditRequest], layer: int,
+                    cfg: ValueConfig) -> Values:
+    """Find, per request, the state leaving block ``layer`` at the subject that makes the target come out."""
+    device = next(model.parameters()).device
+    rows = _rows(tokenizer, requests, cfg.prefixes, with_kl=cfg.kl_weight > 0)
+    ids, mask, labels = _pad(rows, _pad_id(tokenizer), device)
+    n, B = len(requests), len(rows)
+    pos = torch.tensor([r.subject_pos for r in rows], device=device)  # (B,)
+    req = torch.tensor([r.request for r in rows], device=device)  # (B,)
+    is_kl = torch.tensor([r.kl for r in rows], device=device)  # (B,)
+    lengths = mask.sum(-1)  # (B,)
+    # positions whose logits are read: target predictions, and the last token of each KL row
+    select = torch.zeros_like(mask, dtype=torch.bool)  # (B, T)
+    select[:, :-1] = labels[:, 1:] != IGNORE
+    select[is_kl, lengths[is_kl] - 1] = True
+    where = select.nonzero()  # (N, 2) row-major, matching tail_logits' selected order
+    sel_row = where[:, 0]
+    sel_is_kl = is_kl[sel_row]  # (N,)
+    nxt = torch.zeros(where.shape[0], dtype=torch.long, device=device)
+    tgt = ~sel_is_kl
+    nxt[tgt] = labels[where[tgt, 0], where[tgt, 1] + 1]
+    tok_req = req[sel_row]  # (N,) request of each selected position
+    tokens_per_req = torch.bincount(tok_req[tgt], minlength=n).clamp(min=1).float()  # (n,)
+
+    base = prefix_states(model, ids, mask, layer + 1)  # (B, T, d): leaving block ``layer``
+    rows_idx = torch.arange(B, device=device)
+    h_rows = base[rows_idx, pos].float()  # (B, d)
+    first_row = torch.tensor([next(b for b, r in enumerate(rows) if r.request == i) for i in range(n)],
+                             device=device)
+    h = h_rows[first_row]  # (n, d): bare prompt (prefix "")
+    h_norm = h.norm(dim=-1, keepdim=True)  # (n, 1)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)  # gradients flow to delta only
+    try:
+        with torch.no_grad():
+            pre = tail_logits(model, layer + 1, base, mask, select)  # (N, V)
+            pre_kl = torch.log_softmax(pre[sel_is_kl].float(), -1)  # (n_kl, V)
+        delta = torch.zeros_like(h, requires_grad=True)  # (n, d)
+        opt = torch.optim.Adam([delta], lr=cfg.lr)
+        steps, nll_mean = 0, float("nan")
+        for steps in range(1, cfg.steps + 1):  # noqa: B007 (steps is reported)
+            states = base.clone()
+            states[rows_idx, pos] = states[rows_idx, pos] + delta[req].to(states.dtype)
+            logits = tail_logits(model, layer + 1, states, mask, select).float()  # (N, V)
+            logp = torch.log_softmax(logits, -1)
+            tok_nll = -logp[tgt].gather(-1, nxt[tgt].unsqueeze(-1)).squeeze(-1)  # (N_t,)
+            nll = torch.zeros(n, device=device).index_add(0, tok_req[tgt], tok_nll) / tokens_per_req  # (n,)
+            top1 = logits[tgt].argmax(-1) == nxt[tgt]
+            loss = nll.sum()
+            if cfg.kl_weight > 0:
+                post_kl = logp[sel_is_kl]
+                kl = (pre_kl.exp() * (pre_kl - post_kl)).sum(-1)  # (n_kl,)
+                loss = loss + cfg.kl_weight * kl.sum()
+            loss = loss + cfg.weight_decay * ((delta.norm(dim=-1) / h_norm.squeeze(-1)) ** 2).sum()
+            nll_mean = float(nll.detach().mean())
+            if float(nll.max()) < cfg.stop_nll and bool(top1.all()):
+                break
+            if steps == cfg.steps:
+                break
+            opt.zero_grad()
+            (grad,) = torch.autograd.grad(loss, [delta])
+            delta.grad = grad
+            opt.step()
+            with torch.no_grad():  # the norm bound
+                limit = cfg.clamp_norm * h_norm
+                scale = torch.clamp(limit / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12), max=1.0)
+                delta.mul_(scale)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return Values(z=(h + delta.detach()), h=h, steps=steps, nll=nll_mean)
+
+
+@contextmanager
+def added_updates(model: nn.Module, updates: dict[str, tuple[Target, LowRankUpdate]]) -> Iterator[None]:
+    """Run the model as if ``W + u^T v`` for each target, without writing any weight (forward hooks)."""
+
+    def make_hook(upd: LowRankUpdate):
+        def hook(_module, inputs, output):
+            x = inputs[0]  # (..., d_in)
+            return output + ((x.float() @ upd.v.t()) @ upd.u).to(output.dtype)  # (..., d_out)
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(u)) for name, (_, u) in updates.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def keys_and_states(model: nn.Module, tokenizer, requests: list[EditRequest], target: Target, last_layer: int,
+                    prefixes: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at ``target`` and states leaving block ``last_layer``, at the subject's last token.
+
+    Returns (n, d_in) keys averaged over ``prefixes`` and (n, d) states of the bare prompt.
+    """
+    device = next(model.parameters()).device
+    rows = _rows(tokenizer, requests, prefixes, with_kl=False)
+    ids, mask, _ = _pad(rows, _pad_id(tokenizer), device)
+    pos = torch.tensor([r.subject_pos for r in rows], device=device)
+    req = torch.tensor([r.request for r in rows], device=device)
+    rows_idx = torch.arange(len(rows), device=device)
+    box: list[torch.Tensor] = []
+
+    def grab(_module, inputs):
+        box.append(inputs[0][rows_idx, pos].float())  # (B, d_in)
+
+    handle = model.get_submodule(target.name).register_forward_pre_hook(grab)
+    try:
+        states = prefix_states(model, ids, mask, last_layer + 1)  # (B, T, d)
+    finally:
+        handle.remove()
+    n = len(requests)
+    keys = torch.zeros(n, target.d_in, device=device).index_add(0, req, box[0])
+    keys = keys / torch.bincount(req, minlength=n).unsqueeze(-1).float()  # (n, d_in)
+    first_row = torch.tensor([next(b for b, r in enumerate(rows) if r.request == i) for i in range(n)],
+                             device=device)
+    return keys, states[first_row, pos[first_row]].float()

@@ -1,0 +1,202 @@
+"""Key statistics: E[k k^T] of the inputs of MLP output projections over ordinary text.
+
+The locate-then-edit methods (ROME, MEMIT, AlphaEdit) weight an edit's key by these statistics so
+that the update changes the layer's output as little as possible for the keys the model already
+uses. ``k`` is the input of ``down_proj`` (``c_proj`` for GPT-2, ``fc_out`` for GPT-J) at one token.
+
+A :class:`KeyStats` is one safetensors file: ``C.<layer>`` (d_in, d_in) per layer, uncentred second
+moment (mean over tokens, fp32 in memory; stored fp16 to keep the shipped file small), with the
+model fingerprint, the token count and a description of the corpus in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from editor_core.targets import Target, out_proj_targets
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "keystats.safetensors"
+
+
+class StatsError(ValueError):
+    """Statistics missing, unreadable or made for another model."""
+
+
+@dataclass
+class KeyStats:
+    """Second moments of the output-projection inputs of some layers of one model."""
+
+    moments: dict[int, torch.Tensor]  # layer -> (d_in, d_in) fp32, E[k k^T]
+    tokens: int  # tokens averaged over
+    corpus: str  # what text they came from
+    fingerprint: str  # editor_core.fingerprint.model_fingerprint of the out-proj targets
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.moments)
+
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+        """Write as safetensors (``dtype`` storage) with JSON metadata."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"C.{layer}": c.to(dtype).contiguous() for layer, c in self.moments.items()}
+        meta = {"tokens": str(self.tokens), "corpus": self.corpus, "fingerprint": self.fingerprint,
+                "extra": json.dumps(self.extra, sort_keys=True)}
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> KeyStats:
+        """Read a file written by :meth:`save`; refuse statistics of another model."""
+        path = Path(path)
+        if not path.is_file():
+            raise StatsError(f"no key statistics at {path}: compute them with `mend stats`")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
+            raise StatsError(f"key statistics at {path} were computed for another model "
+                             f"({meta.get('fingerprint', '?')[:12]}..., this one is {expected_fingerprint[:12]}...)")
+        tensors = load_file(str(path))
+        moments = {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items() if k.startswith("C.")}
+        return cls(moments, int(meta.get("tokens", 0)), meta.get("corpus", ""), meta.get("fingerprint", ""),
+                   json.loads(meta.get("extra", "{}")))
+
+
+def stats_fingerprint(model: nn.Module, layers: list[int]) -> str:
+    """The fingerprint statistics are keyed by: the model's out-projection weights of ``layers``."""
+    from editor_core.fingerprint import model_fingerprint
+
+    return model_fingerprint(model, out_proj_targets(model, layers))
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def collect_key_stats(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    layers: list[int],
+    max_tokens: int = 40_000,
+    batch_size: int = 16,
+    max_len: int = 64,
+    corpus: str = "",
+    progress: bool = True,
+) -> KeyStats:
+    """E[k k^T] per layer over the real tokens of ``texts`` (up to ``max_tokens``).
+
+    The forward pass stops after the deepest requested layer, so statistics of mid-depth layers
+    cost a fraction of a full forward.
+    """
+    targets: list[Target] = out_proj_targets(model, layers)
+    device = next(model.parameters()).device
+    sums = {t.block: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
+    deepest = max(t.block for t in targets)
+    mask_box: list[torch.Tensor] = []
+
+    def make_hook(block: int):
+        def hook(_module, inputs):
+            k = inputs[0]  # (B, T, d_in)
+            m = mask_box[0]  # (B, T) bool
+            keys = k[m].double()  # (n, d_in)
+            sums[block].addmm_(keys.t(), keys)
+            if block == deepest:
+                raise _Stop
+        return hook
+
+    handles = [model.get_submodule(t.name).register_forward_pre_hook(make_hook(t.block)) for t in targets]
+    seen = 0
+    bar = tqdm(total=max_tokens, desc="key statistics", unit="tok", disable=not progress)
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_len)
+            mask = enc["attention_mask"].bool().to(device)  # (B, T)
+            n = int(mask.sum())
+            mask_box[:] = [mask]
+            try:
+                model(input_ids=enc["input_ids"].to(device), attention_mask=mask.long(), use_cache=False)
+            except _Stop:
+                pass
+            seen += n
+            bar.update(n)
+            if seen >= max_tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    if seen == 0:
+        raise StatsError("no tokens to compute statistics from")
+    moments = {b: (s / seen).float() for b, s in sums.items()}
+    return KeyStats(moments, seen, corpus, stats_fingerprint(model, layers))
+
+
+def null_space_projector(moment: torch.Tensor, n_null: int) -> torch.Tensor:
+    """(d, d) projector onto the ``n_null`` directions of least variance of ``moment`` (AlphaEdit's P).
+
+    An update whose input side lies in this subspace leaves the layer's output for the keys the
+    statistics describe (nearly) unchanged. Chosen by count: on SmolLM2 one direction dominates the
+    spectrum, so thresholds relative to the top eigenvalue keep almost every dimension.
+    """
+    d = moment.shape[0]
+    if not 0 < n_null <= d:
+        raise ValueError(f"n_null must be in 1..{d}, got {n_null}")
+    _, vecs = torch.linalg.eigh(moment.double())  # ascending eigenvalues; (d, d)
+    basis = vecs[:, :n_null]  # (d, n_null)
+    return (basis @ basis.t()).float()
+
+
+def counterfact_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Ordinary factual sentences from a CounterFact file: prompts with their TRUE answers.
+
+    Rephrase and neighbourhood prompts (with the neighbour's answer) are included too, so the keys
+    cover many subjects and relations; the counterfactual targets never are.
+    """
+    docs = json.loads(Path(path).read_text())
+    texts: list[str] = []
+    for r in docs[:limit]:
+        texts.append(f"{r['prompt']} {_first(r.get('ground_truth'))}")
+        if r.get("rephrase_prompt"):
+            texts.append(f"{_first(r['rephrase_prompt'])} {_first(r.get('ground_truth'))}")
+        if r.get("locality_prompt"):
+            texts.append(f"{_first(r['locality_prompt'])} {_first(r.get('locality_ground_truth'))}")
+    return texts
+
+
+def sampled_texts(model: nn.Module, tokenizer, n: int = 64, length: int = 48, seed: int = 0,
+                  progress: bool = True) -> list[str]:
+    """Text the model writes itself from short neutral openings (sampled, temperature 1)."""
+    openings = ["The", "In", "A", "It", "When", "My", "This", "There", "He", "She", "We", "According to"]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out: list[str] = []
+    for i in tqdm(range(0, n, 8), desc="sampling corpus", disable=not progress):
+        prompts = [openings[(i + j) % len(openings)] for j in range(min(8, n - i))]
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        ids = model.generate(**{k: v.to(device) for k, v in enc.items()}, do_sample=True, max_new_tokens=length,
+                             top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return out
+
+
+def _first(value) -> str:
+    while isinstance(value, list | tuple):
+        value = value[0] if value else ""
+    return str(value or "")
