@@ -192,11 +192,12 @@ class EmbeddedRedis:
             )
         elif found.kind == "ours":
             try:
-                redis_leftover.shut_down(found)
+                clean = redis_leftover.shut_down(found)
             except RuntimeError as err:
                 raise EmbeddedRedisError(str(err)) from err
-            log.warning("found leftover embedded redis-server pid %d on port %d for %s: shut it down cleanly "
-                        "(AOF fsynced), starting a new one", found.pid, found.port, self.data_dir,
+            how = "shut it down cleanly (AOF fsynced)" if clean else "killed it after SHUTDOWN timed out"
+            log.warning("found leftover embedded redis-server pid %d on port %d for %s: %s, starting a new one",
+                        found.pid, found.port, self.data_dir, how,
                         extra={"pid": found.pid, "port": found.port, "dir": str(self.data_dir)})
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:

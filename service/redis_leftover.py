@@ -197,10 +197,10 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
     return True
 
 
-def shut_down(found: Leftover, timeout_s: float = 10.0) -> None:
-    """Stop a proven leftover (``kind == "ours"``) cleanly: SHUTDOWN fsyncs the AOF and exits.
+def shut_down(found: Leftover, timeout_s: float = 10.0) -> bool:
+    """Stop a proven leftover (``kind == "ours"``) cleanly: SHUTDOWN fsyncs the AOF and exits; True.
     SIGKILL only if it is still there after ``timeout_s`` (the AOF is ``appendfsync always``, so
-    even then nothing acknowledged is lost). Raises RuntimeError if it outlives that too."""
+    even then nothing acknowledged is lost); False. Raises RuntimeError if it outlives that too."""
     assert found.kind == "ours" and found.pid is not None and found.port is not None
     client = one_shot_client(found.port, timeout_s)
     try:
@@ -210,8 +210,9 @@ def shut_down(found: Leftover, timeout_s: float = 10.0) -> None:
     finally:
         client.close()
     if wait_gone(found.pid, timeout_s):
-        return
+        return True
     log.error("leftover redis-server ignored SHUTDOWN: killing it", extra={"pid": found.pid, "wait_s": timeout_s})
     os.kill(found.pid, signal.SIGKILL)
     if not wait_gone(found.pid, 5.0):
         raise RuntimeError(f"leftover redis-server pid {found.pid} survived SIGKILL")
+    return False

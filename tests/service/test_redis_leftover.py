@@ -7,6 +7,7 @@ well under a second.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -170,3 +171,15 @@ def test_parent_death_hook_is_skipped_off_linux(monkeypatch):
     assert callable(redis_embedded.die_with_parent_hook())
     monkeypatch.setattr(redis_embedded.sys, "platform", "darwin")
     assert redis_embedded.die_with_parent_hook() is None
+
+
+def test_a_leftover_that_does_not_shut_down_is_killed_as_a_last_resort(tmp_path):
+    leftover, port = _old_style_redis(tmp_path)
+    try:
+        found = examine(tmp_path / "redis-server.pid", tmp_path)
+        assert found.kind == "ours"
+        os.kill(leftover.pid, signal.SIGSTOP)  # hung: SHUTDOWN is never answered
+        assert redis_leftover.shut_down(found, timeout_s=0.3) is False
+        assert leftover.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        _stop(leftover)
