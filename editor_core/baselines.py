@@ -56,6 +56,7 @@ class FTConfig:
     kl_prompts: tuple[str, ...] = field(default_factory=lambda: DEFAULT_KL_PROMPTS)
     max_len: int = 128  # token cap of an edit prompt + target
     stop_at_top1: bool = True  # False: always run max_steps (ROME-style fixed-step FT)
+    targets: tuple[str, ...] = ()  # names of the stack targets to fine-tune; empty = all of them
 
 
 @dataclass
@@ -106,8 +107,12 @@ class FTEditor:
     """
 
     def __init__(self, stack, config: FTConfig | None = None):
-        self.config = config or FTConfig()
-        self.targets: dict[str, Target] = dict(stack.targets)
+        self.config = config or FTConfig()  # set before the targets: config.targets picks them
+        chosen = self.config.targets or tuple(stack.targets)
+        unknown = [n for n in chosen if n not in stack.targets]
+        if unknown:
+            raise ValueError(f"FT targets {unknown} are not in the edit stack")
+        self.targets: dict[str, Target] = {n: stack.targets[n] for n in chosen}
         self.fingerprint: str = stack.fingerprint
         if self.config.max_steps < 0 or self.config.lr <= 0:
             raise ValueError("FTConfig needs lr > 0 and max_steps >= 0")

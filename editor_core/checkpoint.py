@@ -66,6 +66,21 @@ def stack_targets(model, editor_dir: str | Path | None) -> list[Target]:
     return resolve_targets(model, list(cfg.targets) or None, cfg.last_blocks, cfg.blocks)
 
 
+def all_stack_targets(model, editor_dir: str | Path | None, stats_dir: str | Path | None) -> list[Target]:
+    """MEND's targets (:func:`stack_targets`), plus the output projections that ROME/MEMIT/AlphaEdit edit
+    when key statistics (``stats_dir``) are available. The service and ``mend eval`` both build their
+    EditStack from this, so they agree on the model fingerprint and hence the journal namespace."""
+    from editor_core.methods.locate import LocateConfig
+    from editor_core.targets import out_proj_targets
+
+    targets = stack_targets(model, editor_dir)
+    if stats_dir is None:
+        return targets
+    have = {t.name for t in targets}
+    layers = [b for b in LocateConfig.load(stats_dir).all_layers]
+    return targets + [t for t in out_proj_targets(model, layers) if t.name not in have]
+
+
 def load(path: str | Path) -> Checkpoint:
     """Read a checkpoint directory written by :func:`save`."""
     d = Path(path)

@@ -11,6 +11,8 @@
   what a user sees. Efficacy (new beats old) can be high while success is low.
 - neighbour_kept: share of locality prompts whose greedy continuation, for the locality answer's
   length in tokens, is the same token ids after the edit as before it.
+- canary_kept: share of the fixed canary prompts (:mod:`editor_core.canary`) whose greedy answer is
+  unchanged once the edit call (the whole stacked group, in sequential mode) is applied.
 - edit_ms: wall time of ``compute_delta`` + ``stack.apply`` for one edit call (median, p95).
 
 Records without a ground truth skip efficacy/paraphrase; records without rephrases or locality pairs
@@ -42,7 +44,7 @@ from editor_core.scoring import TargetScore, score_targets
 log = logging.getLogger(__name__)
 
 METRICS = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc", "locality_acc",
-           "success", "paraphrase_success", "neighbour_kept")
+           "success", "paraphrase_success", "neighbour_kept", "canary_kept")
 
 
 @dataclass
@@ -162,10 +164,13 @@ def evaluate(
     sequential: int = 1,
     progress: bool = True,
     score_batch_size: int = 32,
+    canaries=None,
 ) -> EvalReport:
     """Score ``records`` before and after editing them with ``editor`` (None: unedited only).
 
     The stack is left with exactly the edits it had on entry (bit for bit), also on error.
+    ``canaries`` (a :class:`~editor_core.canary.CanarySet` taken on the unedited model) adds
+    ``canary_kept``.
     """
     if batch_size < 1 or sequential < 1:
         raise ValueError("batch_size and sequential must be >= 1")
@@ -216,6 +221,7 @@ def evaluate(
             post = score_records(model, tokenizer, recs, score_batch_size)
             kept = [still_greedy(model, tokenizer, loc_prompts[g0 + k], loc_greedy[g0 + k], score_batch_size)
                     if loc_prompts[g0 + k] else None for k in range(len(recs))]
+            canary = canaries.check(model) if canaries is not None else None
         finally:
             if len(applied) == 1:
                 stack.revert(applied[0])
@@ -225,6 +231,8 @@ def evaluate(
             rows[g0 + k]["post"] = record_metrics(s, pre_scores[g0 + k])
             if kept[k] is not None:
                 rows[g0 + k]["post"]["neighbour_kept"] = _mean([float(x) for x in kept[k]])
+            if canary is not None:
+                rows[g0 + k]["post"]["canary_kept"] = 1.0 - canary.changed_share
             rows[g0 + k]["edit"] = metas[k]  # the delta's meta (steps, editor id...) of its edit call
         bar.update(len(recs))
     bar.close()
@@ -277,10 +285,14 @@ def add_arguments(parser) -> None:
     from editor_core.models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, local dir, .gguf file or HF id")
-    parser.add_argument("--method", choices=["mend", "ft", "ft-kl", "none"], default="mend",
+    parser.add_argument("--method", choices=["mend", "ft", "ft-kl", "rome", "memit", "alphaedit", "none"],
+                        default="mend",
                         help="editor to evaluate; 'none' scores the unedited model only")
     parser.add_argument("--editor", default=None,
                         help="MEND editor checkpoint dir (default: the shipped editor for --model)")
+    parser.add_argument("--stats", default=None,
+                        help="key statistics dir for rome/memit/alphaedit (default: the one shipped for --model)")
+    parser.add_argument("--no-canaries", action="store_true", help="do not report canary_kept")
     parser.add_argument("--data", required=True, help="data file (CounterFact/zsRE/KnowEdit JSON or JSONL)")
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="data format")
     parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N records")
@@ -299,6 +311,23 @@ def add_arguments(parser) -> None:
 
 class _UsageError(Exception):
     pass
+
+
+LOCATE = ("rome", "memit", "alphaedit")
+
+
+def _stats_dir(args):
+    """--stats, else the statistics shipped for the model (None when there are none)."""
+    from pathlib import Path
+
+    from editor_core.checkpoint import editors_root
+    from editor_core.models import short_name
+    from editor_core.stats import STATS_FILE
+
+    d = Path(args.stats) if args.stats else editors_root() / short_name(args.model)
+    if args.stats and not (d / STATS_FILE).is_file():
+        raise _UsageError(f"--stats: no {STATS_FILE} in {d}")
+    return d if (d / STATS_FILE).is_file() else None
 
 
 def run(args) -> int:
@@ -330,7 +359,7 @@ def _run(args) -> int:
         raise _UsageError(f"--data: {err}") from err
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda: no CUDA device is available")
-    ckpt, editor_dir = None, None
+    editor_dir = None
     if args.method == "mend":
         editor_dir = args.editor or checkpoint.default_editor_dir(args.model)
         if editor_dir is None:
@@ -340,7 +369,7 @@ def _run(args) -> int:
                 "or evaluate a baseline with --method ft"
             )
         try:
-            ckpt = checkpoint.load(editor_dir)
+            checkpoint.load(editor_dir)  # a clear error for a broken checkpoint before the model loads
         except (FileNotFoundError, ValueError) as err:
             raise _UsageError(f"--editor: {err}") from err
     try:
@@ -348,7 +377,13 @@ def _run(args) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise _UsageError(f"--model: {err}") from err
     model, tokenizer = loaded.model, loaded.tokenizer
-    stack = EditStack(model, checkpoint.stack_targets(model, editor_dir if ckpt is not None else None))
+    stats_dir = _stats_dir(args)
+    if args.method in LOCATE and stats_dir is None:
+        raise _UsageError(f"--method {args.method}: no key statistics for model {args.model!r}; compute them with "
+                          f"`mend stats --model {args.model} --out DIR` and pass --stats DIR")
+    default_mend = checkpoint.default_editor_dir(args.model)
+    # the same stack (targets, fingerprint) the service builds for this model, whatever the method
+    stack = EditStack(model, checkpoint.all_stack_targets(model, editor_dir or default_mend, stats_dir))
     editor = None
     if args.method == "mend":
         from editor_core.editor import MendEditor
@@ -357,14 +392,28 @@ def _run(args) -> int:
             editor = MendEditor.load(editor_dir, stack)
         except ValueError as err:
             raise _UsageError(f"--editor: {err}") from err
+    elif args.method in LOCATE:
+        from editor_core.methods.locate import LocateConfig, LocateEditor
+        from editor_core.stats import STATS_FILE, KeyStats
+
+        editor = LocateEditor(args.method, stack, KeyStats.load(Path(stats_dir) / STATS_FILE),
+                              LocateConfig.load(stats_dir))
     elif args.method in ("ft", "ft-kl"):
         kl = args.kl_weight if args.method == "ft-kl" else 0.0
-        editor = make_baseline(args.method, stack, FTConfig(lr=args.ft_lr, max_steps=args.ft_steps, kl_weight=kl))
+        ft_targets = tuple(t.name for t in checkpoint.stack_targets(model, editor_dir or default_mend))
+        editor = make_baseline(args.method, stack, FTConfig(lr=args.ft_lr, max_steps=args.ft_steps, kl_weight=kl,
+                                                            targets=ft_targets))
+    canaries = None
+    if not args.no_canaries and editor is not None:
+        from editor_core.canary import CanarySet
+
+        canaries = CanarySet(model, tokenizer)
     report = evaluate(model, tokenizer, stack, editor, records, batch_size=args.batch_size,
-                      sequential=args.sequential, progress=not args.no_progress)
+                      sequential=args.sequential, progress=not args.no_progress, canaries=canaries)
     report.meta = {
         "model": args.model, "model_source": loaded.source, "data": str(args.data), "format": args.format,
-        "editor": str(editor_dir) if editor_dir else None, "device": args.device, "dtype": args.dtype,
+        "editor": str(editor_dir) if editor_dir else None, "stats": str(stats_dir) if stats_dir else None,
+        "device": args.device, "dtype": args.dtype,
         "targets": list(stack.targets),
     }
     print(format_table(report))

@@ -200,3 +200,87 @@ def _first(value) -> str:
     while isinstance(value, list | tuple):
         value = value[0] if value else ""
     return str(value or "")
+
+
+# ---- CLI glue (`mend stats`, wired up by service/cli.py) ------------------------------------------
+def add_arguments(parser) -> None:
+    """Add the ``mend stats`` options to an ``argparse.ArgumentParser``."""
+    from editor_core.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, local dir, .gguf file or HF id")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="blocks whose MLP output projection is edited (default: the methods' default "
+                             "layers, 4-8)")
+    parser.add_argument("--corpus", choices=["counterfact", "sampled", "both"], default=None,
+                        help="text the keys come from: CounterFact training prompts with their true answers "
+                             "(--data), text the model samples itself, or both (default: both with --data, "
+                             "else sampled)")
+    parser.add_argument("--data", default=None, help="a CounterFact JSON file (never the evaluation split)")
+    parser.add_argument("--tokens", type=int, default=40_000, help="tokens to average over (2-10x the key width "
+                                                                   "gives most of the quality)")
+    parser.add_argument("--samples", type=int, default=256, help="model-sampled texts for the sampled corpus")
+    parser.add_argument("--out", default=None, help="output directory (default: editors/<model>/)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(_stats_parser=parser)
+
+
+def run(args) -> int:
+    """``mend stats``: compute, save and describe the key statistics; exit 2 on a usage error."""
+    import random
+
+    from editor_core.checkpoint import editors_root
+    from editor_core.methods.locate import LocateConfig
+    from editor_core.models import load, short_name
+
+    parser = args._stats_parser
+    corpus = args.corpus or ("both" if args.data else "sampled")
+    if corpus in ("counterfact", "both") and not args.data:
+        parser.error(f"--corpus {corpus} needs --data (a CounterFact JSON file)")
+    if args.data and not Path(args.data).is_file():
+        parser.error(f"--data: no such file {args.data}")
+    if args.tokens < 1:
+        parser.error("--tokens must be positive")
+    loaded = load(args.model, device=args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    out = Path(args.out) if args.out else editors_root() / short_name(args.model)
+    config = LocateConfig.load(out)  # keep a tuned config already there; defaults otherwise
+    layers = sorted(set(args.layers)) if args.layers else config.all_layers
+    try:
+        out_proj_targets(model, layers)
+    except ValueError as err:
+        parser.error(f"--layers: {err}")
+    texts: list[str] = []
+    described = []
+    if corpus in ("counterfact", "both"):
+        cf = counterfact_texts(args.data)
+        random.Random(args.seed).shuffle(cf)
+        texts += cf
+        described.append(f"CounterFact prompts with true answers from {Path(args.data).name}")
+    if corpus in ("sampled", "both"):
+        sampled = sampled_texts(model, tokenizer, n=args.samples, seed=args.seed, progress=not args.no_progress)
+        texts = sampled + texts if corpus == "sampled" else _interleave(texts, sampled)
+        described.append(f"{args.samples} model-sampled texts (seed {args.seed})")
+    stats = collect_key_stats(model, tokenizer, texts, layers, max_tokens=args.tokens, corpus="; ".join(described),
+                              progress=not args.no_progress)
+    path = stats.save(out / STATS_FILE)
+    if args.layers:
+        config.rome_layers, config.memit_layers, config.alphaedit_layers = [layers[-1]], layers, layers
+    config.save(out)
+    log.info("wrote %s: layers %s, %d tokens (%s)", path, layers, stats.tokens, stats.corpus)
+    return 0
+
+
+def _interleave(a: list[str], b: list[str]) -> list[str]:
+    """Mix two corpora so that a token budget takes from both."""
+    out: list[str] = []
+    step = max(1, len(a) // max(len(b), 1))
+    bi = iter(b)
+    for i, text in enumerate(a):
+        out.append(text)
+        if i % step == 0:
+            nxt = next(bi, None)
+            if nxt is not None:
+                out.append(nxt)
+    return out

@@ -18,7 +18,9 @@ from typing import Any
 import redis
 from torch import nn
 
+from editor_core.canary import CanarySet
 from editor_core.delta import EditDelta
+from editor_core.methods.values import SubjectError
 from editor_core.protocol import Editor
 from editor_core.requests import EditRequest
 from editor_core.scoring import score_targets, target_probability
@@ -66,7 +68,9 @@ class EditEngine:
 
     def __init__(self, model: nn.Module, tokenizer, stack: EditStack, editors: dict[str, Editor],
                  journal: Journal, lock: WriterLock, metrics: Metrics, unavailable: dict[str, str],
-                 max_update_ratio: float | None = None):
+                 max_update_ratio: float | None = None, canaries: CanarySet | None = None,
+                 canary_max_changed: float = 0.05, canary_max_logprob_drop: float = 0.25,
+                 default_method: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.stack = stack
@@ -76,6 +80,12 @@ class EditEngine:
         self.lock = lock
         self.metrics = metrics
         self.max_update_ratio = max_update_ratio
+        self.default_method = default_method  # used by an /edit that names no method
+        # baseline answers of the canary prompts on the UNEDITED model (taken before replay); every
+        # candidate edit is checked against them, so drift that adds up over many edits is caught too
+        self.canaries = canaries
+        self.canary_max_changed = canary_max_changed
+        self.canary_max_logprob_drop = canary_max_logprob_drop
         self.version = 0
         self.sha256: str | None = None  # targets' sha256 at ``version`` (None until replayed)
         self._unsure: _Unsure | None = None
@@ -104,9 +114,10 @@ class EditEngine:
         return self.version, run_queries(self.model, self.tokenizer, jobs)
 
     # ---- edits ---------------------------------------------------------------------------------
-    def edit(self, requests: list[dict], method: str, author: str, idempotency_key: str | None) -> dict:
+    def edit(self, requests: list[dict], method: str | None, author: str, idempotency_key: str | None) -> dict:
         """Compute, apply and journal one edit; nothing is applied if any step fails."""
         started = time.perf_counter()
+        method = method or self.default_method or ""
         if idempotency_key:
             first = self._idempotent_result(idempotency_key, requests, method)
             if first is not None:
@@ -120,7 +131,10 @@ class EditEngine:
                 for r in requests]
         prompts, targets = [r.prompt for r in reqs], [r.target for r in reqs]
         before = score_targets(self.model, self.tokenizer, prompts, targets)
-        delta = editor.compute_delta(self.model, self.tokenizer, reqs)
+        try:
+            delta = editor.compute_delta(self.model, self.tokenizer, reqs)
+        except SubjectError as err:
+            raise EditRejectedError(f"{err}; nothing was applied or journaled", method=method) from err
         self._check_magnitude(delta)
         blob = delta.to_bytes()
         edit_id = uuid.uuid4().hex
@@ -136,6 +150,7 @@ class EditEngine:
                 raise EditRejectedError(
                     f"the edited model scores the targets of {broken!r} as non-finite (the update explodes "
                     "the activations); the edit was refused, nothing was applied or journaled")
+            canary = self._check_canaries()
             results = [
                 {"prompt": r.prompt, "target": r.target,
                  "p_target_before": target_probability(b), "p_target_after": target_probability(a),
@@ -151,6 +166,8 @@ class EditEngine:
                 "rank": {n: u.rank for n, u in delta.updates.items()}, "latency_ms": latency_ms,
                 "rolled_back": None,
             }
+            if canary is not None:
+                record["canary"] = canary
             try:
                 self.journal.append_edit(record, blob, self.lock)  # durable before we answer
             except (redis.ConnectionError, redis.TimeoutError):
@@ -275,6 +292,22 @@ class EditEngine:
                     f"the edit's update of {name!r} has norm {ratio:.3g} times the weight's "
                     f"(max_update_ratio={self.max_update_ratio:g}): refused as exploding, nothing was applied "
                     "or journaled", target=name, ratio=ratio)
+
+    def _check_canaries(self) -> dict | None:
+        """With the candidate applied: refuse if the canary prompts drift too far from the unedited model."""
+        if self.canaries is None:
+            return None
+        started = time.perf_counter()
+        report = self.canaries.check(self.model)
+        figures = {**report.to_dict(), "check_ms": round((time.perf_counter() - started) * 1000.0, 1)}
+        self.metrics.canary_changed.set(report.changed)
+        if report.changed_share > self.canary_max_changed or report.logprob_drop > self.canary_max_logprob_drop:
+            raise EditRejectedError(
+                f"with this edit applied, {report.changed} of {report.n} canary prompts unrelated to it answer "
+                f"differently from the unedited model (max share {self.canary_max_changed:g}) and their answers "
+                f"lost {report.logprob_drop:.3f} nats/token (max {self.canary_max_logprob_drop:g}): refused, "
+                "nothing was applied or journaled", canary=figures)
+        return figures
 
     def _set_version(self, version: int) -> None:
         self.version = version

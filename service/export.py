@@ -26,7 +26,6 @@ import redis
 import torch
 from pydantic import ValidationError
 
-from editor_core.checkpoint import stack_targets
 from editor_core.delta import DeltaFormatError, EditDelta
 from editor_core.export import error_table, lora_factors, save_adapter, save_model_dir
 from editor_core.models import ModelNotFoundError
@@ -34,8 +33,9 @@ from editor_core.stack import EditStack
 from editor_core.targets import Target
 from service import redis_leftover
 from service.journal import Head, Journal, utc_now
+from service.methods import service_stack_targets
 from service.redis_embedded import EmbeddedRedis, EmbeddedRedisError
-from service.runtime import Loader, default_loader, mend_editor_dir
+from service.runtime import Loader, default_loader
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class VersionState:
 
 def service_targets(model, settings: Settings) -> list[Target]:
     """The targets of the service's EditStack, chosen by the same calls ``service.runtime`` makes."""
-    return stack_targets(model, mend_editor_dir(settings))
+    return service_stack_targets(model, settings)
 
 
 # ---- the journal at a version ---------------------------------------------------------------------

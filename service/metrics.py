@@ -24,6 +24,8 @@ class Metrics:
         )
         self.journal_version = Gauge("mend_journal_version", "Journal version of the live weights", registry=r)
         self.active_edits = Gauge("mend_active_edits", "Edits currently applied", registry=r)
+        self.canary_changed = Gauge("mend_canary_changed", "Canary prompts answering differently from the unedited "
+                                    "model, with the last checked candidate edit applied", registry=r)
         self.batch_size = Histogram(
             "mend_query_batch_size", "Prompts per query micro-batch", registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64),

@@ -27,10 +27,10 @@ from typing import Any
 import redis
 import torch
 
-from editor_core.checkpoint import stack_targets
 from editor_core.stack import EditStack
 from service.engine import EditEngine
 from service.journal import Journal
+from service.methods import effective_default_method, locate_editors, mend_editor_dir, service_stack_targets
 from service.metrics import Metrics
 from service.redis_embedded import EmbeddedRedis
 from service.settings import Settings
@@ -53,28 +53,23 @@ def default_loader(settings: Settings):
     return load(settings.model, device=settings.device, dtype=dtype, cache_dir=settings.model_cache)
 
 
-def mend_editor_dir(settings: Settings) -> Path | None:
-    """The MEND checkpoint to serve: MEND_EDITOR_DIR, else the editor shipped for the model, if any."""
-    from editor_core.checkpoint import default_editor_dir
-
-    editor_dir = settings.editor_dir or default_editor_dir(settings.model)
-    return Path(editor_dir) if editor_dir is not None and Path(editor_dir).exists() else None
-
-
 def default_editors(stack: EditStack, model, tokenizer, settings: Settings) -> dict[str, Any]:
-    """FT always; MEND only when a trained editor exists for this model."""
-    editors: dict[str, Any] = {}
+    """FT always; MEND when a trained editor exists for this model; ROME/MEMIT/AlphaEdit with key statistics."""
+    editors: dict[str, Any] = locate_editors(stack, settings)
     try:
         from editor_core.baselines import FTConfig, FTEditor
+        from editor_core.checkpoint import stack_targets
 
-        editors["ft"] = FTEditor(stack, FTConfig())
+        # FT tunes MEND's targets only, as before the locate-then-edit layers joined the stack
+        ft_targets = tuple(t.name for t in stack_targets(model, mend_editor_dir(settings)))
+        editors["ft"] = FTEditor(stack, FTConfig(targets=ft_targets))
     except ImportError as err:
         editors["ft"] = f"the ft editor is not available in this build ({err})"
     editor_dir = mend_editor_dir(settings)
     if editor_dir is None:
         editors["mend"] = (
             f"no trained MEND editor for model {settings.model!r}: train one with `mend train` and point "
-            "MEND_EDITOR_DIR at it, or use method 'ft'"
+            "MEND_EDITOR_DIR at it, or use another method"
         )
         return editors
     try:
@@ -176,7 +171,7 @@ class Runtime:
             model.eval()
             self.model_source = str(getattr(loaded, "source", s.model))
             # the stack covers the MEND editor's targets (they fix the fingerprint and journal namespace)
-            stack = EditStack(model, stack_targets(model, mend_editor_dir(s)))
+            stack = EditStack(model, service_stack_targets(model, s))
             self.journal = Journal(self.client, stack.fingerprint, s.redis_prefix)
             self._phase("locking")
             if self.embedded is not None:
@@ -187,8 +182,16 @@ class Runtime:
             made = self.editors_factory(stack, model, tokenizer, s)
             editors = {m: e for m, e in made.items() if not isinstance(e, str)}
             unavailable = {m: e for m, e in made.items() if isinstance(e, str)}
+            canaries = None
+            if s.canary_guard:
+                from editor_core.canary import CanarySet
+
+                canaries = CanarySet(model, tokenizer)  # on the unedited weights: replay comes after
             self.engine = EditEngine(model, tokenizer, stack, editors, self.journal, self.lock,
-                                     self.metrics, unavailable, max_update_ratio=s.max_update_ratio)
+                                     self.metrics, unavailable, max_update_ratio=s.max_update_ratio,
+                                     canaries=canaries, canary_max_changed=s.canary_max_changed,
+                                     canary_max_logprob_drop=s.canary_max_logprob_drop,
+                                     default_method=effective_default_method(s, sorted(editors)))
             self._phase("replaying")
             self.engine.replay()
             self.worker = ModelWorker(self.engine.answer, max_batch=s.max_batch_size,

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from service.settings import Settings
 
-METHODS = ("mend", "ft")
+METHODS = ("alphaedit", "memit", "rome", "mend", "ft")
 
 
 def _valid_unicode(value):
@@ -46,10 +46,24 @@ class EditRequestIn(_Strict):
 
     _blank = field_validator("prompt", "target")(_not_blank)
 
+    @model_validator(mode="after")
+    def _subject_in_prompt(self):
+        # the locate-then-edit methods and MEND key the edit on the subject's tokens in the prompt:
+        # a subject that is not there would silently be ignored
+        if self.subject is not None:
+            if not self.subject.strip():
+                raise ValueError("subject must not be empty or only whitespace (leave it out instead)")
+            if self.subject not in self.prompt:
+                raise ValueError(f"subject {self.subject!r} does not occur in the prompt {self.prompt!r}")
+        return self
+
 
 class EditIn(_Strict):
     requests: list[EditRequestIn] = Field(min_length=1, description="facts to write in one edit")
-    method: Literal["mend", "ft"] = Field("mend", description="mend (trained editor) or ft (fine-tuning)")
+    method: Literal["alphaedit", "memit", "rome", "mend", "ft"] | None = Field(
+        None, description="alphaedit, memit, rome (key statistics; need `subject`), mend (trained editor) or ft "
+                          "(fine-tuning); default: the service's MEND_DEFAULT_METHOD (GET /health/ready lists "
+                          "what the loaded model offers)")
     idempotency_key: StrictStr | None = Field(None, min_length=1, max_length=200)
 
 

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     editor_dir: Path | None = Field(
         None, description="trained MEND editor directory (default: the one shipped for the model, if any)"
     )
+    stats_dir: Path | None = Field(
+        None, description="directory with key statistics (keystats.safetensors, from `mend stats`) for rome, "
+                          "memit and alphaedit (default: the one shipped for the model, if any)")
+    default_method: Literal["alphaedit", "memit", "rome", "mend", "ft"] = Field(
+        "alphaedit", description="method of an /edit that names none (it must be available on the model)")
 
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address (forced to 127.0.0.1 when no API keys are set)")
@@ -71,8 +76,16 @@ class Settings(BaseSettings):
     max_update_ratio: float = Field(
         10.0, gt=0, description="refuse an edit whose update of any target has a Frobenius norm above this "
                                  "many times the weight's (an exploding edit)")
+    canary_guard: bool = Field(True, description="score the canary prompts with every candidate edit applied "
+                                                 "and refuse edits that change them (422)")
+    canary_max_changed: float = Field(
+        0.05, ge=0, le=1, description="refuse an edit after which more than this share of the canary prompts "
+                                      "answer differently from the unedited model")
+    canary_max_logprob_drop: float = Field(
+        0.25, ge=0, description="refuse an edit after which the canaries' unedited answers lost more than this "
+                                "mean log-prob (nats per token) against the unedited model")
 
-    @field_validator("redis_url", "editor_dir", "model_cache", "torch_threads", mode="before")
+    @field_validator("redis_url", "editor_dir", "stats_dir", "model_cache", "torch_threads", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v

@@ -28,8 +28,9 @@ async def edit(body: EditIn, request: Request, who: EditorPrincipal) -> dict:
     await journal_reachable(runtime)
     requests = [r.model_dump() for r in body.requests]
     engine = runtime.engine
+    method = body.method  # None: the engine's default (MEND_DEFAULT_METHOD if the model offers it)
     fut = runtime.worker.submit_exclusive(
-        lambda: engine.edit(requests, body.method, who.name, body.idempotency_key)
+        lambda: engine.edit(requests, method, who.name, body.idempotency_key)
     )
     return await await_worker(fut, runtime.settings.edit_timeout_s, "edit")
 

@@ -32,5 +32,6 @@ def ready(request: Request):
         "sha256": engine.sha256,  # targets' sha256 as written at ``version`` (compare with the journal head)
         "active_edits": len(engine.stack.active_ids),
         "methods": sorted(engine.editors),
+        "default_method": engine.default_method,
         "unavailable_methods": engine.unavailable,
     }

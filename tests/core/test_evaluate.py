@@ -160,7 +160,7 @@ def test_report_json_and_table(tiny_llama, tiny_tokenizer, records):
     doc = json.loads(rep.to_json())
     assert doc["n_records"] == 2 and doc["rows"][0]["case_id"] == "1"
     assert set(doc["post"]) == {"efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc",
-                                "locality_acc"}
+                                "locality_acc", "success", "paraphrase_success", "neighbour_kept"}
     table = format_table(rep)
     assert "efficacy" in table and "locality_acc" in table and "edit_ms" in table
 

@@ -111,13 +111,15 @@ def test_mend_refused_without_trained_editor_but_ft_works(tiny_tokenizer, tmp_pa
     with serving(settings, tiny_tokenizer, editors=default_editors) as c:
         ready = c.get("/health/ready").json()
         assert ready["methods"] == ["ft"] and "mend" in ready["unavailable_methods"]
-        r = c.post("/edit", json={"requests": [{"prompt": "The capital of Norway is", "target": "Bergen"}]})
+        assert "no key statistics" in ready["unavailable_methods"]["alphaedit"]
+        assert ready["default_method"] == "ft"  # MEND_DEFAULT_METHOD (alphaedit) is not offered: falls back
+        r = c.post("/edit", json={"requests": [{"prompt": "The capital of Norway is", "target": "Bergen"}],
+                                  "method": "mend"})
         assert r.status_code == 409 and r.json()["code"] == "editor_unavailable"
-        assert "no trained MEND editor" in r.json()["detail"] and "'ft'" in r.json()["detail"]
+        assert "no trained MEND editor" in r.json()["detail"] and "another method" in r.json()["detail"]
         assert c.get("/edits").json()["total"] == 0
-        ok = c.post("/edit", json={"requests": [{"prompt": "The capital of Norway is", "target": "Bergen"}],
-                                   "method": "ft"})
-        assert ok.status_code == 200 and ok.json()["version"] == 1
+        ok = c.post("/edit", json={"requests": [{"prompt": "The capital of Norway is", "target": "Bergen"}]})
+        assert ok.status_code == 200 and ok.json()["version"] == 1 and ok.json()["method"] == "ft"
 
 
 def test_not_ready_until_loaded_and_replayed(tiny_tokenizer):

@@ -1,0 +1,88 @@
+"""Canary prompts: fixed unrelated prompts whose answers an edit must leave alone.
+
+The baseline is taken once, on the unedited model: each canary's greedy continuation (token ids)
+and its mean token log-prob. :meth:`CanarySet.check` scores the model as it is now, in one batched
+teacher-forced forward pass: how many canaries would no longer decode the same tokens, and how much
+log-probability their baseline answers lost on average. The service refuses a candidate edit whose
+figures pass its thresholds, before anything is journaled; ``mend eval`` reports the same figures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from editor_core.batching import prompt_ids
+from editor_core.greedy import greedy_ids
+
+DEFAULT_CANARIES = Path(__file__).parent / "assets" / "canaries.json"
+
+
+@dataclass(frozen=True)
+class CanaryReport:
+    """How the current model answers the canaries compared with the baseline."""
+
+    n: int
+    changed: int  # canaries whose greedy answer is no longer the baseline's
+    logprob_drop: float  # mean over canaries of (baseline - now) mean token log-prob of the baseline answer
+    changed_prompts: tuple[str, ...]
+
+    @property
+    def changed_share(self) -> float:
+        return self.changed / self.n if self.n else 0.0
+
+    def to_dict(self) -> dict:
+        return {"canaries": self.n, "changed": self.changed, "changed_share": round(self.changed_share, 4),
+                "logprob_drop": round(self.logprob_drop, 4), "changed_prompts": list(self.changed_prompts[:8])}
+
+
+def load_canary_prompts(path: str | Path | None = None) -> list[str]:
+    """The shipped canary prompts (or those of a JSON file with a ``prompts`` list)."""
+    doc = json.loads(Path(path or DEFAULT_CANARIES).read_text())
+    prompts = doc["prompts"] if isinstance(doc, dict) else doc
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"{path or DEFAULT_CANARIES}: expected a non-empty list of prompts")
+    return list(prompts)
+
+
+class CanarySet:
+    """Baseline answers of the canary prompts, and the check of a model state against them."""
+
+    def __init__(self, model: nn.Module, tokenizer, prompts: list[str] | None = None, n_tokens: int = 4):
+        self.tokenizer = tokenizer
+        self.prompts = prompts if prompts is not None else load_canary_prompts()
+        self.answers = greedy_ids(model, tokenizer, self.prompts, [n_tokens] * len(self.prompts))
+        self.baseline = self._logprobs(model)[1]  # (n,)
+
+    @torch.no_grad()
+    def _logprobs(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) bool: greedy answer unchanged; (n,) mean token log-prob of the baseline answers."""
+        device = next(model.parameters()).device
+        rows = [prompt_ids(self.tokenizer, p) for p in self.prompts]
+        seqs = [r + a for r, a in zip(rows, self.answers, strict=True)]
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), -1)  # (n, T, V)
+        same, mean_lp = [], []
+        for i, (r, a) in enumerate(zip(rows, self.answers, strict=True)):
+            pos = torch.arange(len(r) - 1, len(r) - 1 + len(a), device=logp.device)  # predict a's tokens
+            tgt = torch.tensor(a, device=logp.device)
+            same.append(bool((logp[i, pos].argmax(-1) == tgt).all()))
+            mean_lp.append(float(logp[i, pos, tgt].mean()))
+        return torch.tensor(same), torch.tensor(mean_lp)
+
+    def check(self, model: nn.Module) -> CanaryReport:
+        """Compare the model as it is now with the baseline."""
+        same, lp = self._logprobs(model)
+        changed = [p for p, s in zip(self.prompts, same.tolist(), strict=True) if not s]
+        return CanaryReport(len(self.prompts), len(changed), float((self.baseline - lp).mean()), tuple(changed))
