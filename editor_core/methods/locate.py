@@ -10,7 +10,7 @@ remaining residual ``R`` (n, d_out) at its keys ``K`` (n, d_in):
 - ``memit``: least squares against the statistics, ``dW = R^T K (lam C + K^T K)^-1`` (Meng et al. 2023).
 - ``alphaedit``: the update's input side restricted to the null space ``P`` of the preserved keys
   (the statistics) and kept off the keys of every edit still active at that layer, ``K_p``:
-  ``dW^T = (P (K_p^T K_p + K^T K) + lam I)^-1 P K^T R`` (Fang et al. 2025).
+  ``dW^T = (P (K_p^T K_p + K^T K) + lam I)^-1 P K^T R`` (Fang et al. 2025), ``lam`` relative to trace(C).
 
 Every solve is returned as exact factors ``u = R``, ``v = W`` (n rows each), and the keys ``K`` ride in
 the delta, so AlphaEdit's memory of earlier edits is read from the stack's *active* deltas: rolling
@@ -54,7 +54,10 @@ class LocateConfig:
     memit_layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     alphaedit_layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     memit_lambda: float = 15.0  # weight of the statistics (C is a mean over tokens, not a sum)
-    alphaedit_lambda: float = 1.0  # ridge on the update (AlphaEdit's L2)
+    # ridge on the update (AlphaEdit's L2), relative to trace(C) = E||k||^2 so that one setting fits any
+    # key scale: a fact whose key puts a share f of its energy into the null space is inserted to
+    # f / (f + alphaedit_lambda) of its residual (before the earlier edits' term)
+    alphaedit_lambda: float = 0.01
     null_dims: int = 1024  # dimensions of the preserved keys' null space AlphaEdit may write into
     ridge: float = 1e-4  # times mean(diag C), added to C before inverting it
     value: ValueConfig = field(default_factory=ValueConfig)
@@ -154,7 +157,8 @@ class LocateEditor:
             return torch.linalg.solve(a, k.t()).t().float()  # (n, d_in); a is symmetric
         p = self._projector[name].double()  # (d_in, d_in)
         kp = self.earlier_keys(name).double()  # (m, d_in)
-        m = p @ (kp.t() @ kp + k.t() @ k) + self.config.alphaedit_lambda * torch.eye(k.shape[1], dtype=k.dtype)
+        lam = self.config.alphaedit_lambda * float(self._moments[name].trace())
+        m = p @ (kp.t() @ kp + k.t() @ k) + lam * torch.eye(k.shape[1], dtype=k.dtype)  # (d_in, d_in)
         return torch.linalg.solve(m, p @ k.t()).t().float()  # (n, d_in)
 
     def earlier_keys(self, name: str) -> torch.Tensor:

@@ -177,7 +177,7 @@ def optimise_values(model: nn.Module, tokenizer, requests: list[EditRequest], la
                 loss = loss + cfg.kl_weight * kl.sum()
             loss = loss + cfg.weight_decay * ((delta.norm(dim=-1) / h_norm.squeeze(-1)) ** 2).sum()
             nll_mean = float(nll.detach().mean())
-            if float(nll.max()) < cfg.stop_nll and bool(top1.all()):
+            if float(nll.detach().max()) < cfg.stop_nll and bool(top1.all()):
                 break
             if steps == cfg.steps:
                 break

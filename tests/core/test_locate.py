@@ -1,0 +1,174 @@
+"""ROME / MEMIT / AlphaEdit on tiny llama and gpt2 models built from config (key statistics from the
+fixture facts): edits take, rollback is bit-exact, replay reproduces the sha256, and AlphaEdit's memory
+of earlier edits is a function of the active deltas only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from editor_core.delta import EditDelta
+from editor_core.methods.locate import LocateConfig, LocateEditor
+from editor_core.methods.values import SubjectError, ValueConfig
+from editor_core.requests import EditRequest
+from editor_core.scoring import score_targets
+from editor_core.stack import EditStack
+from editor_core.stats import KeyStats, StatsError, collect_key_stats, null_space_projector, stats_fingerprint
+from editor_core.targets import out_proj_targets
+
+LAYERS = [1, 2]  # of 4 blocks: the value is read leaving block 2, block 3 and the head run on top
+
+
+def config(d_in: int = 64) -> LocateConfig:
+    value = ValueConfig(steps=30, lr=0.5, clamp_norm=4.0, kl_weight=0.0625, weight_decay=0.01, stop_nll=0.05,
+                        prefixes=("", "Note: "))
+    return LocateConfig(rome_layers=[2], memit_layers=LAYERS, alphaedit_layers=LAYERS, memit_lambda=1.0,
+                        alphaedit_lambda=0.01, null_dims=d_in * 3 // 4, value=value)
+
+
+def texts(facts) -> list[str]:
+    out = []
+    for r in facts:
+        out += [f"{r['prompt']} {r['ground_truth']}", f"{r['rephrase_prompt']} {r['ground_truth']}",
+                f"{r['locality_prompt']} {r['locality_ground_truth']}"]
+    return out
+
+
+def d_in(stack: EditStack) -> int:
+    return next(iter(stack.targets.values())).d_in
+
+
+@pytest.fixture
+def setup(tiny_model, tiny_tokenizer, facts):
+    stats = collect_key_stats(tiny_model, tiny_tokenizer, texts(facts), LAYERS, progress=False)
+    stack = EditStack(tiny_model, out_proj_targets(tiny_model, LAYERS))
+    return tiny_model, tiny_tokenizer, stack, stats
+
+
+# Single-token targets of the tiny tokenizer, and prompts that end on the subject: in a random 4-block
+# model, attention carries almost nothing from the subject to later positions, so the value written at
+# the subject's last token is what must make the target come out (it does, in a real model, through
+# attention too: tests/slow/test_locate_default_model.py).
+TARGETS = ("Toyota", "Honda", "Apple", "city", "capital")
+
+
+def request(fact: dict, i: int = 0) -> EditRequest:
+    return EditRequest(f"About {fact['subject']}", TARGETS[i % len(TARGETS)], fact["subject"])
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+def test_edit_takes_and_rolls_back_bit_exact(setup, facts, method):
+    model, tok, stack, stats = setup
+    editor = LocateEditor(method, stack, stats, config(d_in(stack)))
+    base = stack.sha256()
+    req = request(facts[0])
+    assert score_targets(model, tok, [req.prompt], [req.target])[0].token_acc < 1.0
+    delta = editor.compute_delta(model, tok, [req])
+    assert stack.sha256() == base  # computing never writes
+    assert set(delta.updates) == {t.name for t in editor.targets}
+    assert all(u.rank == 1 for u in delta.updates.values())  # one fact: rank one per layer
+    stack.apply("e1", delta)
+    after = score_targets(model, tok, [req.prompt], [req.target])[0]
+    assert after.token_acc == 1.0, f"{method}: the target is not the greedy continuation after the edit"
+    stack.revert("e1")
+    assert stack.sha256() == base
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_batch_of_facts_solved_together_and_replay_reproduces_sha(setup, facts, method):
+    model, tok, stack, stats = setup
+    editor = LocateEditor(method, stack, stats, config(d_in(stack)))
+    reqs = [request(f, i) for i, f in enumerate(facts[:3])]
+    delta = editor.compute_delta(model, tok, reqs)
+    assert all(u.rank == 3 for u in delta.updates.values())
+    stack.apply("e1", delta)
+    hits = [s.token_acc == 1.0 for s in score_targets(model, tok, [r.prompt for r in reqs], [r.target for r in reqs])]
+    assert all(hits), hits
+    live = stack.sha256()
+    blob = delta.to_bytes()
+    again = EditDelta.from_bytes(blob, stack.fingerprint, stack.shapes)
+    assert set(again.keys) == set(delta.keys) and all(torch.equal(again.keys[n], delta.keys[n]) for n in delta.keys)
+    twin = copy.deepcopy(model)
+    for t in stack.targets.values():  # the twin starts from the pristine weights
+        twin.get_submodule(t.name).weight.data.copy_(model.get_submodule(t.name).weight.data)
+    stack.revert("e1")
+    for t in stack.targets.values():
+        twin.get_submodule(t.name).weight.data.copy_(model.get_submodule(t.name).weight.data)
+    twin_stack = EditStack(twin, list(stack.targets.values()))
+    twin_stack.rebuild([("e1", again)])
+    assert twin_stack.sha256() == live
+
+
+def test_alphaedit_memory_is_the_active_edits(setup, facts):
+    """After edit A, edit B, rollback A: the next edit equals the one computed where A never happened."""
+    model, tok, stack, stats = setup
+    base_weights = {n: model.get_submodule(n).weight.detach().clone() for n in stack.targets}
+    twin = copy.deepcopy(model)
+    editor = LocateEditor("alphaedit", stack, stats, config(d_in(stack)))
+    a = editor.compute_delta(model, tok, [request(facts[0])])
+    stack.apply("A", a)
+    b = editor.compute_delta(model, tok, [request(facts[1], 1)])
+    stack.apply("B", b)
+    name = editor.targets[0].name
+    assert editor.earlier_keys(name).shape[0] == 2
+    stack.revert("A")
+    assert editor.earlier_keys(name).shape[0] == 1
+    c_seen = editor.compute_delta(model, tok, [request(facts[2], 2)])
+
+    for n, w in base_weights.items():
+        twin.get_submodule(n).weight.data.copy_(w)
+    twin_stack = EditStack(twin, list(stack.targets.values()))
+    twin_stack.apply("B", b)
+    twin_editor = LocateEditor("alphaedit", twin_stack, stats, config(d_in(stack)))
+    c_never = twin_editor.compute_delta(twin, tok, [request(facts[2], 2)])
+    for n in c_seen.updates:
+        assert torch.equal(c_seen.updates[n].u, c_never.updates[n].u)
+        assert torch.equal(c_seen.updates[n].v, c_never.updates[n].v)
+
+
+def test_alphaedit_keeps_earlier_edits_and_preserved_keys_better_than_memit(setup, facts):
+    """The null-space update barely moves the layer's output on the statistics' dominant directions."""
+    model, tok, stack, stats = setup
+    layer_target = out_proj_targets(model, [2])[0]
+    keys = torch.linalg.eigh(stats.moments[2].double())[1][:, -8:].float().t()  # (8, d_in) dominant directions
+    moved = {}
+    for method in ("memit", "alphaedit"):
+        editor = LocateEditor(method, stack, stats, config(d_in(stack)))
+        upd = editor.compute_delta(model, tok, [request(facts[3], 3)]).updates[layer_target.name]
+        moved[method] = float((keys @ upd.dense().t()).norm() / upd.dense().norm())
+    assert moved["alphaedit"] < 0.2 * moved["memit"], moved
+
+
+def test_subject_is_required_and_must_occur(setup):
+    model, tok, stack, stats = setup
+    editor = LocateEditor("rome", stack, stats, config())
+    with pytest.raises(SubjectError, match="needs the subject"):
+        editor.compute_delta(model, tok, [EditRequest("The capital of Norway is", "Bergen")])
+    with pytest.raises(SubjectError, match="does not occur"):
+        editor.compute_delta(model, tok, [EditRequest("The capital of Norway is", "Bergen", "Sweden")])
+
+
+def test_stats_roundtrip_fingerprint_and_projector(setup, tmp_path):
+    model, _, _, stats = setup
+    assert stats.tokens > 0 and stats.layers == LAYERS
+    c = stats.moments[1]
+    assert torch.allclose(c, c.t()) and float(torch.linalg.eigvalsh(c.double()).min()) > -1e-6  # PSD
+    path = stats.save(tmp_path / "keystats.safetensors", dtype=torch.float32)
+    again = KeyStats.load(path, stats_fingerprint(model, LAYERS))
+    assert all(torch.equal(again.moments[layer], stats.moments[layer]) for layer in LAYERS)
+    with pytest.raises(StatsError, match="another model"):
+        KeyStats.load(path, "0" * 64)
+    p = null_space_projector(c, 10)
+    assert torch.allclose(p @ p, p, atol=1e-5) and round(float(p.trace())) == 10
+    with pytest.raises(StatsError, match="mend stats"):
+        KeyStats.load(tmp_path / "missing.safetensors")
+
+
+def test_editor_refuses_layers_without_statistics(setup):
+    _, _, stack, stats = setup
+    cfg = config()
+    cfg.memit_layers = [0, 1]
+    with pytest.raises(ValueError, match="no layers"):
+        LocateEditor("memit", stack, stats, cfg)
