@@ -1,0 +1,44 @@
+"""Canary prompts and greedy continuations on a tiny model: unchanged model -> nothing changed; a
+large update to the MLPs -> canaries change and lose log-prob; still_greedy agrees with decoding."""
+
+from __future__ import annotations
+
+import torch
+
+from editor_core.canary import CanarySet, load_canary_prompts
+from editor_core.delta import EditDelta, LowRankUpdate
+from editor_core.greedy import greedy_ids, still_greedy
+from editor_core.stack import EditStack
+from editor_core.targets import resolve_targets
+
+
+def test_shipped_canaries_are_64_distinct_prompts():
+    prompts = load_canary_prompts()
+    assert len(prompts) == 64 and len(set(prompts)) == 64
+
+
+def test_still_greedy_matches_decoding(tiny_llama, tiny_tokenizer):
+    prompts = ["The mother tongue of Danielle Darrieux is", "Toyota is headquartered in"]
+    ids = greedy_ids(tiny_llama, tiny_tokenizer, prompts, [3, 2])
+    assert [len(i) for i in ids] == [3, 2]
+    assert still_greedy(tiny_llama, tiny_tokenizer, prompts, ids) == [True, True]
+    wrong = [[(ids[0][0] + 1) % len(tiny_tokenizer)] + ids[0][1:], ids[1]]
+    assert still_greedy(tiny_llama, tiny_tokenizer, prompts, wrong) == [False, True]
+
+
+def test_canaries_see_no_change_then_a_damaging_update(tiny_model, tiny_tokenizer):
+    canaries = CanarySet(tiny_model, tiny_tokenizer, n_tokens=3)
+    quiet = canaries.check(tiny_model)
+    assert quiet.changed == 0 and abs(quiet.logprob_drop) < 1e-5 and quiet.n == 64
+    stack = EditStack(tiny_model, resolve_targets(tiny_model))
+    torch.manual_seed(0)
+    updates = {}
+    for name, t in stack.targets.items():
+        w = tiny_model.get_submodule(name).weight
+        scale = 20 * float(w.norm()) / (t.d_out * t.d_in) ** 0.5
+        updates[name] = LowRankUpdate(scale * torch.randn(4, t.d_out), torch.randn(4, t.d_in))
+    with stack.applied(EditDelta(updates, stack.fingerprint)):
+        loud = canaries.check(tiny_model)
+    assert loud.changed > 8 and loud.logprob_drop > 0.1
+    assert loud.to_dict()["changed"] == loud.changed and len(loud.to_dict()["changed_prompts"]) <= 8
+    assert canaries.check(tiny_model).changed == 0  # reverted: the baseline answers are back
