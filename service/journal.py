@@ -105,6 +105,22 @@ class Journal:
         raws = self.client.mget([self.key("edit", i.decode()) for i in ids])
         return total, [json.loads(r) for r in raws if r is not None]
 
+    def iter_edits(self, newest_first: bool = True, batch: int = 200):
+        """Every edit record in journal order or reversed, read ``batch`` records at a time (read-only;
+        for filtered listings, which must look at records a plain page would skip)."""
+        total = self.count_edits()
+        for start in range(0, total, batch):
+            if newest_first:
+                lo, hi = max(total - start - batch, 0), total - start - 1
+                ids = self.client.lrange(self.key("edits"), lo, hi)[::-1]
+            else:
+                ids = self.client.lrange(self.key("edits"), start, start + batch - 1)
+            if not ids:
+                return
+            for raw in self.client.mget([self.key("edit", i.decode()) for i in ids]):
+                if raw is not None:
+                    yield json.loads(raw)
+
     def edit_for_idempotency_key(self, idempotency_key: str) -> str | None:
         raw = self.client.get(self.key("idem", idempotency_key))
         return raw.decode() if raw is not None else None

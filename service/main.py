@@ -18,7 +18,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.api import edits, health, metrics, query
+from service.api import console, edits, events, health, metrics, query
 from service.errors import ServiceError
 from service.journal import JournalConflictError
 from service.metrics import Metrics
@@ -144,6 +144,8 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     app.include_router(query.router)
     app.include_router(edits.router)
     app.include_router(metrics.router)
+    app.include_router(events.router)
+    app.include_router(console.router)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -14,6 +15,48 @@ from service.errors import EditNotFoundError
 from service.schemas import EditIn, EditOut, EditPage, RollbackIn, RollbackOut, check_edit_limits
 
 router = APIRouter(tags=["edits"])
+
+
+@dataclass(frozen=True)
+class EditFilter:
+    """The filters of GET /edits; all given ones must hold."""
+
+    q: str | None = None
+    method: str | None = None
+    author: str | None = None
+    status: str | None = None
+    after_version: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(v not in (None, "") for v in (self.q, self.method, self.author, self.status, self.after_version))
+
+    def matches(self, record: dict) -> bool:
+        """True when the journal record passes every filter given."""
+        if self.method and record.get("method") != self.method:
+            return False
+        if self.author and record.get("author") != self.author:
+            return False
+        if self.status and record.get("status") != self.status:
+            return False
+        if self.after_version is not None and int(record.get("version", 0)) <= self.after_version:
+            return False
+        if self.q:
+            needle = self.q.casefold()
+            texts = [r.get(f) or "" for r in record.get("requests", []) for f in ("subject", "prompt", "target")]
+            if not any(needle in t.casefold() for t in texts):
+                return False
+        return True
+
+    def page(self, journal, offset: int, limit: int, newest_first: bool) -> tuple[int, list[dict]]:
+        """(number of matching edits, the page of them at ``offset``)."""
+        total, page = 0, []
+        for record in journal.iter_edits(newest_first):
+            if self.matches(record):
+                if offset <= total < offset + limit:
+                    page.append(record)
+                total += 1
+        return total, page
 
 
 @router.post("/edit", response_model=EditOut)
@@ -55,8 +98,19 @@ async def list_edits(
     offset: int = Query(0, ge=0),
     limit: int | None = Query(None, ge=1, description="page size (default min(50, max_page_size))"),
     order: Literal["desc", "asc"] = Query("desc", description="desc = newest first"),
+    q: str | None = Query(None, max_length=1000,
+                          description="text filter: case-insensitive substring of a request's subject, prompt or "
+                                      "target"),
+    method: str | None = Query(None, max_length=50, description="only edits made with this method"),
+    author: str | None = Query(None, max_length=200, description="only edits by this author (the key's name)"),
+    status: Literal["active", "rolled_back"] | None = Query(None, description="only active or rolled-back edits"),
+    after_version: int | None = Query(None, ge=0, description="only edits whose version is above this one"),
 ) -> dict:
-    """Journal entries (requests, results, status, author, timestamps, sha256), paged."""
+    """Journal entries (requests, results, status, author, timestamps, sha256), paged.
+
+    With any filter, ``total`` counts the matching edits and the page is taken from them (the journal
+    is scanned: linear in the number of edits).
+    """
     runtime = ready_runtime(request)
     if limit is None:
         limit = min(50, runtime.settings.max_page_size)
@@ -64,7 +118,11 @@ async def list_edits(
         raise RequestValidationError([{"type": "value_error", "loc": ("query", "limit"),
                                        "msg": f"at most max_page_size={runtime.settings.max_page_size}",
                                        "input": limit}])
-    total, page = await run_in_threadpool(runtime.journal.list_edits, offset, limit, order == "desc")
+    filters = EditFilter(q, method, author, status, after_version)
+    if filters.active:
+        total, page = await run_in_threadpool(filters.page, runtime.journal, offset, limit, order == "desc")
+    else:
+        total, page = await run_in_threadpool(runtime.journal.list_edits, offset, limit, order == "desc")
     return {"version": runtime.engine.version, "total": total, "offset": offset, "limit": limit, "edits": page}
 
 

@@ -38,6 +38,7 @@ ROUTES = {
     ("GET", "/edits"): ("reader", None, 200),
     ("GET", "/edits/{edit_id}"): ("reader", None, 404),
     ("GET", "/metrics"): ("reader", None, 200),
+    ("GET", "/events"): ("reader", None, 200),  # called with max_s=1: a stream ends after max_s
     ("POST", "/edit"): ("editor", edit_body(3), 200),
     ("POST", "/rollback"): ("admin", {"edit_id": "no-such-edit"}, 404),
 }
@@ -82,6 +83,8 @@ def run(workdir: Path | None = None) -> dict:
             for (method, path), (role, body, allowed) in ROUTES.items():
                 for who in CALLERS:
                     url = path.replace("{edit_id}", "no-such-edit")
+                    if path == "/events":
+                        url += "?max_s=1"
                     r = http.request(method, url, json=body, headers=headers_of(who))
                     calls += 1
                     want = expected(role, who, allowed)

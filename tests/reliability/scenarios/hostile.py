@@ -142,6 +142,8 @@ def run(examples: int, workdir: Path | None = None) -> dict:
             def send(case):
                 nonlocal generated
                 kwargs = case.as_transport_kwargs(base_url=svc.base, headers=dict(hdrs))
+                if op.path == "/events" and isinstance(kwargs.get("params") or {}, dict):
+                    kwargs["params"] = (kwargs.get("params") or {}) | {"max_s": 1}  # a stream lasts max_s
                 req_headers = {k: v for k, v in (kwargs.get("headers") or {}).items()
                                if k.lower() != "authorization"} | hdrs
                 before = head()
@@ -168,6 +170,8 @@ def run(examples: int, workdir: Path | None = None) -> dict:
                     n = examples
                     if op.path == "/edit" and who == "admin" and mode == GenerationMode.POSITIVE:
                         n = max(2, examples // 4)  # valid edits really run FT: keep them few
+                    if op.path == "/events" and mode == GenerationMode.POSITIVE:
+                        n = min(n, 2)  # each accepted request streams for a second
                     fuzz(op, mode, who, hdrs, n)
         manual = manual_cases()
         closed: list[str] = []
