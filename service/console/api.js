@@ -103,3 +103,14 @@ export async function probeRole() {
   if (!(await allowed("edit"))) return "reader";
   return (await allowed("rollback")) ? "admin" : "editor";
 }
+
+/** GET /edits with `params`; a limit above the service's max_page_size is lowered to it and retried. */
+export async function listEdits(params) {
+  try {
+    return await api("edits", { params });
+  } catch (err) {
+    const most = err.status === 422 && /max_page_size=(\d+)/.exec(err.detail || "");
+    if (!most) throw err;
+    return api("edits", { params: { ...params, limit: Number(most[1]) } });
+  }
+}

@@ -1,7 +1,7 @@
 // Ask the model: prompts and candidates -> completions and candidate log-probs, with the version
 // that answered. A subject fills the prompts from that subject's edits in the journal.
 
-import { api } from "./api.js";
+import { api, listEdits } from "./api.js";
 import { $, el, fill } from "./dom.js";
 
 const MAX_PROMPTS = 8;
@@ -31,7 +31,7 @@ async function fillFromJournal(ctx, form) {
   if (!subject) return;
   const note = $("#ask-fill-note");
   try {
-    const page = await api("edits", { params: { q: subject, limit: 50 } });
+    const page = await listEdits({ q: subject, limit: 50 });
     const low = subject.toLowerCase();
     const reqs = page.edits.flatMap((e) => e.requests || []).filter((r) =>
       (r.subject || "").toLowerCase() === low || r.prompt.toLowerCase().includes(low));

@@ -1,6 +1,6 @@
 // An edit's page: requests and results, delta size and touched layers, dependents, roll back (admin).
 
-import { api, can } from "./api.js";
+import { api, can, listEdits } from "./api.js";
 import { prefill } from "./ask.js";
 import { $, append, bytes, editLink, el, factLine, fill, prob, statusBadge, when } from "./dom.js";
 
@@ -19,7 +19,7 @@ export async function show(ctx, editId) {
     return;
   }
   const later = rec.status === "active"
-    ? (await api("edits", { params: { status: "active", after_version: rec.version, order: "asc", limit: 200 } })).edits
+    ? (await listEdits({ status: "active", after_version: rec.version, order: "asc", limit: 200 })).edits
     : [];
   if (shownId !== editId) return;  // navigated away meanwhile
   render(ctx, root, rec, later);

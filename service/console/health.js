@@ -1,7 +1,7 @@
 // Health: readiness, version and methods (GET /health/ready), edits in the last hour (GET /edits),
 // counters and p50 latencies (GET /metrics).
 
-import { api } from "./api.js";
+import { api, listEdits } from "./api.js";
 import { $, el, fill } from "./dom.js";
 import { histogramQuantile, parseMetrics, total } from "./metrics.js";
 
@@ -25,7 +25,7 @@ export async function show() {
   const root = $("#health-body");
   const ready = await readiness();
   const [recent, metricsText] = await Promise.all([
-    api("edits", { params: { limit: 200 } }).catch((err) => err),
+    listEdits({ limit: 200 }).catch((err) => err),
     api("metrics", { text: true }).catch((err) => err),
   ]);
   const rows = [

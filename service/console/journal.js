@@ -1,10 +1,10 @@
 // Journal view: edits newest first, filters, paging, live refresh, and the new-edit form (editor+).
 
-import { api, can } from "./api.js";
+import { api, can, listEdits } from "./api.js";
 import { $, append, editLink, el, factLine, fill, prob, statusBadge, when } from "./dom.js";
 
 const PAGE = 20;
-const state = { offset: 0, filters: {}, seen: new Set(), pendingOps: 0, version: null };
+const state = { offset: 0, filters: {}, seen: new Set(), pendingOps: 0, version: null, seq: 0 };
 let wired = false;
 
 export function init(ctx) {
@@ -39,10 +39,18 @@ export async function show(ctx) {
   await load(ctx);
 }
 
+let reloadTimer = null;
+
+/** Reload soon, once for a burst of ops. */
+function reloadSoon(ctx) {
+  clearTimeout(reloadTimer);
+  reloadTimer = setTimeout(() => load(ctx).catch((err) => ctx.banner(err.message)), 150);
+}
+
 /** Another op arrived: refresh the first page in place; elsewhere say that there is news. */
-export function onOp(ctx, op) {
+export function onOp(ctx) {
   if (ctx.current?.name !== "journal") return;
-  if (state.offset === 0) load(ctx).catch((err) => ctx.banner(err.message));
+  if (state.offset === 0) reloadSoon(ctx);
   else {
     state.pendingOps += 1;
     $("#journal-new").hidden = false;
@@ -52,17 +60,17 @@ export function onOp(ctx, op) {
 
 /** A (re)connected feed: refresh if the journal moved while it was not followed. */
 export function onHead(ctx, head) {
-  if (ctx.current?.name === "journal" && state.version !== null && head.version !== state.version) {
-    load(ctx).catch((err) => ctx.banner(err.message));
-  }
+  if (ctx.current?.name === "journal" && state.version !== null && head.version !== state.version) reloadSoon(ctx);
 }
 
 async function load(ctx) {
   const params = { ...state.filters, offset: state.offset, limit: PAGE };
+  const seq = ++state.seq;
   const [pageData, active] = await Promise.all([
-    api("edits", { params }),
-    api("edits", { params: { status: "active", order: "desc", limit: 200 } }),
+    listEdits(params),
+    listEdits({ status: "active", order: "desc", limit: 200 }),
   ]);
+  if (seq !== state.seq) return;  // a later load (newer filters or ops) renders instead
   state.version = pageData.version;
   state.pendingOps = 0;
   $("#journal-new").hidden = true;

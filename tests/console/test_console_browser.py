@@ -57,7 +57,8 @@ def service(tiny_tokenizer, tmp_path_factory):
     env.update(MEND_MODEL=str(model_dir), MEND_PORT=str(port), MEND_HOST="127.0.0.1",
                MEND_DATA_DIR=str(root / "var"), MEND_TORCH_THREADS="1", MEND_LOG_FORMAT="json",
                MEND_EDITORS_DIR=str(root / "no-editors"), MEND_CANARY_GUARD="false",
-               MEND_API_KEYS=json.dumps(KEYS), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+               MEND_API_KEYS=json.dumps(KEYS), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               MEND_MAX_PAGE_SIZE="50")  # below the console's 200: it must lower its page size itself
     log = root / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=REPO,
