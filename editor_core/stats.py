@@ -147,6 +147,15 @@ def collect_key_stats(
     return KeyStats(moments, seen, corpus, stats_fingerprint(model, layers))
 
 
+def null_space_basis(moment: torch.Tensor, n_null: int) -> torch.Tensor:
+    """(d, n_null) orthonormal basis of the ``n_null`` directions of least variance of ``moment``."""
+    d = moment.shape[0]
+    if not 0 < n_null <= d:
+        raise ValueError(f"n_null must be in 1..{d}, got {n_null}")
+    _, vecs = torch.linalg.eigh(moment.double())  # ascending eigenvalues; (d, d)
+    return vecs[:, :n_null].float().contiguous()
+
+
 def null_space_projector(moment: torch.Tensor, n_null: int) -> torch.Tensor:
     """(d, d) projector onto the ``n_null`` directions of least variance of ``moment`` (AlphaEdit's P).
 

@@ -37,7 +37,7 @@ from editor_core.methods.values import (
 )
 from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
-from editor_core.stats import KeyStats, null_space_projector
+from editor_core.stats import KeyStats, null_space_basis
 from editor_core.targets import Target, out_proj_targets
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,15 @@ class LocateEditor:
         self.fingerprint = stack.fingerprint
         ridge = self.config.ridge
         self._moments = {t.name: _ridged(stats.moments[t.block], ridge) for t in self.targets}  # (d_in, d_in)
+        # method-specific precomputation, from the statistics only (never from edits)
         self._c_inv = ({t.name: torch.linalg.inv(self._moments[t.name].double()).float() for t in self.targets}
-                       if method == "rome" else {})
-        self._projector = ({t.name: null_space_projector(stats.moments[t.block], self.config.null_dims)
-                            for t in self.targets} if method == "alphaedit" else {})
+                       if method in ("rome", "memit") else {})
+        self._null_basis = ({t.name: null_space_basis(stats.moments[t.block], self.config.null_dims)
+                             for t in self.targets} if method == "alphaedit" else {})
+        # AlphaEdit's Gram matrix of earlier edits' keys in null-space coordinates, memoised per target
+        # under the exact list of active edit ids it sums (recomputed whenever that list is not a prefix
+        # of the current one): a function of the active edits, never state that outlives them
+        self._gram: dict[str, tuple[tuple[str, ...], torch.Tensor]] = {}
 
     # ---- the Editor protocol -------------------------------------------------------------------
     def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
@@ -146,20 +151,25 @@ class LocateEditor:
     # ---- solves --------------------------------------------------------------------------------
     def _solve(self, target: Target, k: torch.Tensor) -> torch.Tensor:
         """The input-side factor W (n, d_in) of dW = R^T W for keys ``k`` (n, d_in)."""
-        k = k.double()
         name = target.name
         if self.method == "rome":
-            c_inv_k = self._c_inv[name].double() @ k.t()  # (d_in, n)
+            c_inv_k = self._c_inv[name] @ k.t()  # (d_in, n)
             gram = k @ c_inv_k  # (n, n)
-            return torch.linalg.solve(gram, c_inv_k.t()).float()  # (n, d_in)
+            return torch.linalg.solve(gram.double(), c_inv_k.t().double()).float()  # (n, d_in)
         if self.method == "memit":
-            a = self.config.memit_lambda * self._moments[name].double() + k.t() @ k  # (d_in, d_in)
-            return torch.linalg.solve(a, k.t()).t().float()  # (n, d_in); a is symmetric
-        p = self._projector[name].double()  # (d_in, d_in)
-        kp = self.earlier_keys(name).double()  # (m, d_in)
+            # (lam C + K^T K)^-1 K^T = C^-1 K^T (lam I + K C^-1 K^T)^-1: an (n, n) solve instead of (d, d)
+            c_inv_k = self._c_inv[name] @ k.t()  # (d_in, n)
+            small = self.config.memit_lambda * torch.eye(k.shape[0]) + k @ c_inv_k  # (n, n)
+            return torch.linalg.solve(small.double(), c_inv_k.t().double()).float()  # (n, d_in); small symmetric
+        # AlphaEdit. The solution X = dW^T lies in the null space B (d_in, m), so with X = B Y the system
+        # (P S + lam I) X = P K^T R becomes (B^T S B + lam I) Y = (K B)^T R: SPD, m x m, one Cholesky.
+        basis = self._null_basis[name]  # (d_in, m)
+        kb = k @ basis  # (n, m)
         lam = self.config.alphaedit_lambda * float(self._moments[name].trace())
-        m = p @ (kp.t() @ kp + k.t() @ k) + lam * torch.eye(k.shape[1], dtype=k.dtype)  # (d_in, d_in)
-        return torch.linalg.solve(m, p @ k.t()).t().float()  # (n, d_in)
+        g = self.earlier_gram(name) + kb.t() @ kb + lam * torch.eye(basis.shape[1])  # (m, m)
+        chol = torch.linalg.cholesky(g.double())
+        z = torch.cholesky_solve(kb.t().double(), chol).float()  # (m, n)
+        return (basis @ z).t().contiguous()  # (n, d_in)
 
     def earlier_keys(self, name: str) -> torch.Tensor:
         """(m, d_in) keys of every active edit at target ``name``, read from the stack (not cached)."""
@@ -167,6 +177,20 @@ class LocateEditor:
         found = [self.stack.delta_of(i).keys[name] for i in self.stack.active_ids
                  if name in self.stack.delta_of(i).keys]
         return torch.cat([k.float() for k in found]) if found else torch.zeros(0, d_in)
+
+    def earlier_gram(self, name: str) -> torch.Tensor:
+        """(m, m) sum over active edits of (K B)^T (K B) at ``name``, in journal order."""
+        ids = tuple(i for i in self.stack.active_ids if name in self.stack.delta_of(i).keys)
+        basis = self._null_basis[name]
+        known, gram = self._gram.get(name, ((), None))
+        if gram is None or ids[: len(known)] != known:
+            known, gram = (), torch.zeros(basis.shape[1], basis.shape[1])
+        gram = gram.clone()
+        for i in ids[len(known):]:
+            kb = self.stack.delta_of(i).keys[name].float() @ basis  # (r, m)
+            gram += kb.t() @ kb
+        self._gram[name] = (ids, gram)
+        return gram
 
 
 def _ridged(c: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""Stacked edits over time: apply facts one after another, score every fact so far at checkpoints.
+
+This is the service's life in one loop: corrections arrive one by one, each computed on the weights
+the earlier ones left. At each checkpoint ``n`` the first ``n`` facts are scored with the metrics of
+:mod:`editor_core.evaluate` (the point at ``n`` is exactly ``mend eval --sequential n`` on those
+records), plus the canary prompts. The curve of efficacy and neighbourhood against ``n`` is the plot
+in docs/RESULTS.md.
+
+With ``delta_dir``, each computed delta is saved (safetensors bytes, with its compute time in the
+file name's sidecar) and loaded instead of recomputed on a rerun, so a long run that was cut off
+resumes where it stopped and gives the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+from tqdm import tqdm
+
+from editor_core.batching import target_ids
+from editor_core.data import EditRecord
+from editor_core.delta import EditDelta
+from editor_core.evaluate import mean_metrics, record_metrics, score_records
+from editor_core.greedy import greedy_ids, still_greedy
+
+log = logging.getLogger(__name__)
+
+
+def _locality_greedy(model, tokenizer, records: list[EditRecord]) -> list[list[list[int]]]:
+    prompts = [lp.prompt for r in records for lp in r.locality]
+    lengths = [len(target_ids(tokenizer, lp.answer)) for r in records for lp in r.locality]
+    flat = greedy_ids(model, tokenizer, prompts, lengths) if prompts else []
+    out, at = [], 0
+    for r in records:
+        out.append(flat[at : at + len(r.locality)])
+        at += len(r.locality)
+    return out
+
+
+def stacked_curve(
+    model: nn.Module,
+    tokenizer,
+    stack,
+    editor,
+    records: list[EditRecord],
+    checkpoints: list[int],
+    canaries=None,
+    delta_dir: str | Path | None = None,
+    on_point: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Edit ``records`` one after another; at each checkpoint score the facts edited so far.
+
+    Returns one point per checkpoint: ``{"n", "post": metric means, "edit_ms": {...}, "canary": {...}}``.
+    The stack is restored to the edits it had on entry, also on error.
+    """
+    checkpoints = sorted({c for c in checkpoints if 1 <= c <= len(records)})
+    if not checkpoints:
+        raise ValueError("no checkpoint within the number of records")
+    records = records[: checkpoints[-1]]
+    pre = score_records(model, tokenizer, records)
+    loc_greedy = _locality_greedy(model, tokenizer, records)
+    cache = Path(delta_dir) if delta_dir else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    prior = [(i, stack.delta_of(i)) for i in stack.active_ids]
+    times: list[float] = []
+    points: list[dict] = []
+    bar = tqdm(total=len(records), desc=f"stacked ({editor.method})", unit="edit", disable=not progress)
+    try:
+        for i, rec in enumerate(records):
+            delta, ms = _delta(model, tokenizer, stack, editor, rec, cache, i)
+            stack.apply(f"__stacked-{i}", delta)
+            times.append(ms)
+            bar.update(1)
+            n = i + 1
+            if n not in checkpoints:
+                continue
+            post = score_records(model, tokenizer, records[:n])
+            rows = []
+            for k in range(n):
+                row = record_metrics(post[k], pre[k])
+                if records[k].locality:
+                    kept = still_greedy(model, tokenizer, [lp.prompt for lp in records[k].locality], loc_greedy[k])
+                    row["neighbour_kept"] = float(np.mean(kept))
+                rows.append(row)
+            recent = times[max(0, n - 10):]
+            point = {"n": n, "post": mean_metrics(rows),
+                     "edit_ms": {"median": float(np.median(times)), "p95": float(np.percentile(times, 95)),
+                                 "recent_median": float(np.median(recent))}}
+            if canaries is not None:
+                point["canary"] = canaries.check(model).to_dict()
+            points.append(point)
+            log.info("stacked %d edits (%s): %s", n, editor.method, point["post"])
+            if on_point is not None:
+                on_point(point)
+    finally:
+        bar.close()
+        stack.rebuild(prior)
+    return points
+
+
+def _delta(model, tokenizer, stack, editor, rec: EditRecord, cache: Path | None, i: int) -> tuple[EditDelta, float]:
+    """The i-th edit's delta: from the cache when a previous run saved it, else computed (and saved)."""
+    blob = cache / f"{i:05d}.safetensors" if cache is not None else None
+    if blob is not None and blob.is_file():
+        meta = json.loads(blob.with_suffix(".json").read_text())
+        return EditDelta.from_bytes(blob.read_bytes(), stack.fingerprint, stack.shapes), float(meta["ms"])
+    t0 = time.perf_counter()
+    delta = editor.compute_delta(model, tokenizer, [rec.to_request()])
+    ms = (time.perf_counter() - t0) * 1000.0
+    if blob is not None:
+        blob.write_bytes(delta.to_bytes())
+        blob.with_suffix(".json").write_text(json.dumps({"ms": ms, "case_id": rec.case_id}))
+    return delta, ms
