@@ -109,7 +109,7 @@ async def events(
     """Follow the journal: every op (edit, rollback) as a server-sent event, live. Role reader."""
     runtime = ready_runtime(request)
     key = runtime.journal.key("ops")
-    client = aredis.Redis.from_url(_redis_url(runtime), socket_timeout=KEEPALIVE_S + 10)
+    client = aredis.Redis.from_url(_redis_url(runtime), socket_timeout=KEEPALIVE_S + 10, socket_connect_timeout=5)
     try:
         newest = await client.xrevrange(key, count=1)
     except BaseException:

@@ -291,3 +291,33 @@ def test_new_edit_form_ask_the_model_and_health(service, browser):
         p.shot("health.png")
     finally:
         p.close()
+
+
+def test_metrics_and_event_stream_parsers(service, browser):
+    """The page's own parsers, run in the browser: Prometheus histogram p50 and SSE framing."""
+    p = Page(browser, service)
+    try:
+        p.page.wait_for_selector("#login-key")
+        out = p.page.evaluate("""async () => {
+            const m = await import("./console/static/metrics.js");
+            const e = await import("./console/static/events.js");
+            const text = [
+              '# HELP x', 'h_bucket{route="/query",le="0.1"} 2.0', 'h_bucket{route="/query",le="0.5"} 6.0',
+              'h_bucket{route="/query",le="+Inf"} 8.0', 'h_bucket{route="/edit",le="0.1"} 0.0',
+              'h_bucket{route="/edit",le="0.5"} 0.0', 'h_bucket{route="/edit",le="+Inf"} 0.0',
+              'c_total{method="ft"} 3.0', 'c_total{method="mend"} 2.0'].join("\\n");
+            const s = m.parseMetrics(text);
+            const [frames, rest] = e.parseFrames(
+              "retry: 1000\\r\\n\\r\\nid: 7\\nevent: op\\ndata: {\\"a\\":\\ndata: 1}\\n\\n: keepalive\\n\\nid: 8\\nev");
+            return {p50: m.histogramQuantile(s, "h", 0.5, {route: "/query"}),
+                    p99: m.histogramQuantile(s, "h", 0.99, {route: "/query"}),
+                    empty: m.histogramQuantile(s, "h", 0.5, {route: "/edit"}),
+                    total: m.total(s, "c_total"), frames, rest};
+        }""")
+        assert out["p50"] == pytest.approx(0.1 + 0.4 * (4 - 2) / (6 - 2))  # rank 4 inside (0.1, 0.5]
+        assert out["p99"] == pytest.approx(0.5)  # in the +Inf bucket: its lower bound
+        assert out["empty"] is None and out["total"] == 5
+        assert out["frames"] == [{"event": "op", "id": "7", "data": '{"a":\n1}'}]
+        assert out["rest"] == "id: 8\nev"
+    finally:
+        p.close()

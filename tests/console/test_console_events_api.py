@@ -227,3 +227,13 @@ def test_console_static_files(client):
             assert (CONSOLE_DIR / target).is_file(), (js.name, target)
         assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(", text), js.name
         assert "localStorage" not in text, js.name  # the key lives in sessionStorage only
+
+
+@pytest.mark.parametrize(("headers", "edit_status", "rollback_status"),
+                         [(READER, 403, 403), (EDITOR, 422, 403), (ADMIN, 422, 422)])
+def test_role_probe_the_console_relies_on(client, journal, headers, edit_status, rollback_status):
+    """The console finds a key's role with empty bodies: 403 below the role, else 422 and nothing done."""
+    total = client.get("/edits", headers=READER).json()["total"]
+    assert client.post("/edit", json={}, headers=headers).status_code == edit_status
+    assert client.post("/rollback", json={}, headers=headers).status_code == rollback_status
+    assert client.get("/edits", headers=READER).json()["total"] == total
