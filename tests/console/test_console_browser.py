@@ -131,12 +131,15 @@ class Page:
             Path(SHOTS).mkdir(parents=True, exist_ok=True)
             self.page.screenshot(path=str(Path(SHOTS) / name), full_page=True)
 
-    def close(self) -> None:
-        self.context.close()
+    def check(self) -> None:
+        """No script error and no CSP violation on the page so far."""
         # 4xx answers (the role probe's 403/422, a wrong key's 401) are logged by chromium as failed loads;
         # anything else (a script error, a CSP violation) fails the test
         unexpected = [e for e in self.errors if "the server responded with a status of 4" not in e]
         assert not unexpected, unexpected
+
+    def close(self) -> None:
+        self.context.close()
 
 
 def post_edit(base: str, prompt: str, target: str, subject: str | None = None, role: str = "editor") -> dict:
@@ -159,6 +162,7 @@ def test_wrong_key_shows_a_clear_401_message(service, browser):
         assert "401" in error.text_content() and "not accepted" in error.text_content()
         assert p.page.is_hidden("#app")
         assert p.page.evaluate("sessionStorage.getItem('mend.apiKey')") is None  # a refused key is not kept
+        p.check()
     finally:
         p.close()
 
@@ -211,6 +215,7 @@ def test_live_journal_filter_open_and_roll_back_as_admin(service, browser):
         p.row(norway["edit_id"]).locator("td.status:has-text('rolled back')").wait_for()
         assert "active" in p.row(other["edit_id"]).locator("td.status").text_content()
         assert p.page.evaluate("window.__notReloaded") is True
+        p.check()
     finally:
         p.close()
 
@@ -225,6 +230,7 @@ def test_reader_sees_no_edit_or_rollback_controls(service, browser):
         p.row(edit["edit_id"]).locator("a.edit-link").click()
         p.page.wait_for_selector(f"#view-edit h2:has-text('{edit['edit_id']}')")
         assert p.page.locator("#rollback").count() == 0 and p.page.locator("#rollback-confirm").count() == 0
+        p.check()
     finally:
         p.close()
 
@@ -245,6 +251,7 @@ def test_user_text_renders_as_text_never_as_markup(service, browser):
         assert p.page.locator("#view-edit img, #view-edit script, #view-edit b").count() == 0
         p.page.wait_for_timeout(300)
         assert p.dialogs == []  # nothing ran
+        p.check()
     finally:
         p.close()
 
@@ -289,6 +296,7 @@ def test_new_edit_form_ask_the_model_and_health(service, browser):
             assert label in text, label
         assert "ms" in text and "no data yet" not in text
         p.shot("health.png")
+        p.check()
     finally:
         p.close()
 
@@ -319,5 +327,6 @@ def test_metrics_and_event_stream_parsers(service, browser):
         assert out["empty"] is None and out["total"] == 5
         assert out["frames"] == [{"event": "op", "id": "7", "data": '{"a":\n1}'}]
         assert out["rest"] == "id: 8\nev"
+        p.check()
     finally:
         p.close()
