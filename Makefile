@@ -37,5 +37,6 @@ bench: setup
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
 
+# Resumable: finished stages are cached under runs/results/; STAGES=name,name runs only those.
 results: setup
-	$(BIN)/python -m tools.results --compare 40 --scale 100 --ft-steps 15 --full -1
+	$(BIN)/python -m tools.results $(if $(STAGES),--stages $(STAGES))

@@ -198,7 +198,11 @@ def sampled_texts(model: nn.Module, tokenizer, n: int = 64, length: int = 48, se
     for i in tqdm(range(0, n, 8), desc="sampling corpus", disable=not progress):
         prompts = [openings[(i + j) % len(openings)] for j in range(min(8, n - i))]
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues the last column
+        try:
+            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
         ids = model.generate(**{k: v.to(device) for k, v in enc.items()}, do_sample=True, max_new_tokens=length,
                              top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         out += tokenizer.batch_decode(ids, skip_special_tokens=True)

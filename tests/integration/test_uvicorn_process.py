@@ -48,7 +48,7 @@ def test_mend_serve_process_end_to_end(tiny_tokenizer, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEND_")}
     env.update(MEND_MODEL=str(model_dir), MEND_PORT=str(port), MEND_HOST="0.0.0.0",
                MEND_DATA_DIR=str(tmp_path / "var"), MEND_TORCH_THREADS="1", MEND_LOG_FORMAT="json",
-               MEND_EDITORS_DIR=str(tmp_path / "no-editors"))
+               MEND_EDITORS_DIR=str(tmp_path / "no-editors"), MEND_CANARY_GUARD="false")
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(MEND), "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -101,7 +101,8 @@ class ServiceProc:
         env.update(MEND_MODEL=str(model_dir), MEND_HOST=LOOPBACK, MEND_PORT=str(self.port),
                    MEND_REDIS_URL=redis_url, MEND_REDIS_PREFIX=prefix, MEND_TORCH_THREADS="1",
                    MEND_LOG_FORMAT="json", MEND_EDITORS_DIR=str(self.workdir / "no-editors"),
-                   MEND_LOCK_TTL_MS="2000", MEND_LOCK_WAIT_S="60", MEND_DATA_DIR=str(self.workdir / "var"))
+                   MEND_LOCK_TTL_MS="2000", MEND_LOCK_WAIT_S="60", MEND_DATA_DIR=str(self.workdir / "var"),
+                   MEND_CANARY_GUARD="false")  # a tiny random model's canaries flip on any edit
         env.update({f"MEND_{k.upper()}": (json.dumps(v) if isinstance(v, dict) else str(v))
                     for k, v in settings.items()})
         self.env = env
