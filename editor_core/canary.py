@@ -3,7 +3,9 @@
 The baseline is taken once, on the unedited model: each canary's greedy continuation (token ids)
 and its mean token log-prob. :meth:`CanarySet.check` scores the model as it is now, in one batched
 teacher-forced forward pass: how many canaries would no longer decode the same tokens, and how much
-log-probability their baseline answers lost on average. The service refuses a candidate edit whose
+log-probability their baseline answers lost on average. A canary counts as *changed* when its greedy
+answer differs and its baseline answer lost more than a margin (a flip between near-tied tokens is
+reported as ``flipped`` but is not damage). The service refuses a candidate edit whose
 figures pass its thresholds, before anything is journaled; ``mend eval`` reports the same figures.
 """
 
@@ -27,7 +29,8 @@ class CanaryReport:
     """How the current model answers the canaries compared with the baseline."""
 
     n: int
-    changed: int  # canaries whose greedy answer is no longer the baseline's
+    changed: int  # canaries whose greedy answer is no longer the baseline's AND whose answer lost > margin
+    flipped: int  # canaries whose greedy answer differs at all (near ties included)
     logprob_drop: float  # mean over canaries of (baseline - now) mean token log-prob of the baseline answer
     changed_prompts: tuple[str, ...]
 
@@ -37,6 +40,7 @@ class CanaryReport:
 
     def to_dict(self) -> dict:
         return {"canaries": self.n, "changed": self.changed, "changed_share": round(self.changed_share, 4),
+                "flipped": self.flipped,
                 "logprob_drop": round(self.logprob_drop, 4), "changed_prompts": list(self.changed_prompts[:8])}
 
 
@@ -52,8 +56,13 @@ def load_canary_prompts(path: str | Path | None = None) -> list[str]:
 class CanarySet:
     """Baseline answers of the canary prompts, and the check of a model state against them."""
 
-    def __init__(self, model: nn.Module, tokenizer, prompts: list[str] | None = None, n_tokens: int = 4):
+    def __init__(self, model: nn.Module, tokenizer, prompts: list[str] | None = None, n_tokens: int = 4,
+                 tie_margin: float = 0.1):
         self.tokenizer = tokenizer
+        # A canary whose greedy answer flips while its baseline answer loses less than this (nats per
+        # token) was a near tie: measured on SmolLM2, five good stacked edits flip 4 of 64 four-token
+        # answers while the answers lose 0.0003 nats/token on average. Such flips are not damage.
+        self.tie_margin = tie_margin
         self.prompts = prompts if prompts is not None else load_canary_prompts()
         self.answers = greedy_ids(model, tokenizer, self.prompts, [n_tokens] * len(self.prompts))
         self.baseline = self._logprobs(model)[1]  # (n,)
@@ -84,5 +93,8 @@ class CanarySet:
     def check(self, model: nn.Module) -> CanaryReport:
         """Compare the model as it is now with the baseline."""
         same, lp = self._logprobs(model)
-        changed = [p for p, s in zip(self.prompts, same.tolist(), strict=True) if not s]
-        return CanaryReport(len(self.prompts), len(changed), float((self.baseline - lp).mean()), tuple(changed))
+        drop = self.baseline - lp  # (n,)
+        flipped = ~same
+        changed = [p for p, f, d in zip(self.prompts, flipped.tolist(), drop.tolist(), strict=True)
+                   if f and d > self.tie_margin]
+        return CanaryReport(len(self.prompts), len(changed), int(flipped.sum()), float(drop.mean()), tuple(changed))

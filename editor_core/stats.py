@@ -54,6 +54,7 @@ class KeyStats:
         meta = {"tokens": str(self.tokens), "corpus": self.corpus, "fingerprint": self.fingerprint,
                 "extra": json.dumps(self.extra, sort_keys=True)}
         save_file(tensors, str(path), metadata=meta)
+        path.chmod(0o644)  # safetensors writes 0600; a service running as another user must read it
         return path
 
     @classmethod
@@ -231,7 +232,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", default=None, help="a CounterFact JSON file (never the evaluation split)")
     parser.add_argument("--tokens", type=int, default=40_000, help="tokens to average over (2-10x the key width "
                                                                    "gives most of the quality)")
-    parser.add_argument("--samples", type=int, default=256, help="model-sampled texts for the sampled corpus")
+    parser.add_argument("--samples", type=int, default=64, help="model-sampled texts for the sampled corpus")
     parser.add_argument("--out", default=None, help="output directory (default: editors/<model>/)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
