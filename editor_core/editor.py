@@ -12,11 +12,12 @@ from editor_core import checkpoint
 from editor_core.batching import build_batch
 from editor_core.config import MendConfig
 from editor_core.delta import EditDelta, LowRankUpdate
+from editor_core.fingerprint import model_fingerprint
 from editor_core.grads import TokenFactors, capture_factors
 from editor_core.nets import MendNets
 from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
-from editor_core.targets import Target
+from editor_core.targets import Target, resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,16 @@ class MendEditor:
     def load(cls, path: str | Path, stack: EditStack) -> MendEditor:
         """Load a trained editor for the model behind ``stack``; refuses another model's editor."""
         ckpt = checkpoint.load(path)
+        targets = _stack_targets(stack, ckpt.config)
+        # the editor was trained on a stack of exactly its own targets; the service's stack may cover
+        # more (the locate-then-edit layers), so compare the fingerprint of the editor's targets
         trained_for = ckpt.info.get("model_fingerprint")
-        if trained_for and trained_for != stack.fingerprint:
+        mine = model_fingerprint(stack.model, targets)
+        if trained_for and trained_for != mine:
             raise ValueError(
                 f"editor at {path} was trained for model {trained_for[:12]}..., "
-                f"this model is {stack.fingerprint[:12]}...; train an editor for it with `mend train`"
+                f"this model is {mine[:12]}...; train an editor for it with `mend train`"
             )
-        targets = _stack_targets(stack, ckpt.config)
         nets = MendNets(targets, ckpt.config.rank, ckpt.config.n_blocks, ckpt.config.init_lr)
         nets.load_state_dict(ckpt.state)
         editor_id = ckpt.info.get("editor_id", Path(path).name)
@@ -96,12 +100,13 @@ class MendEditor:
 
 
 def _stack_targets(stack: EditStack, config: MendConfig) -> list[Target]:
-    if config.targets:
-        unknown = [n for n in config.targets if n not in stack.targets]
-        if unknown:
-            raise ValueError(f"editor targets {unknown} are not in the edit stack")
-        return [stack.targets[n] for n in config.targets]
-    return list(stack.targets.values())
+    """The editor's own targets (its config's names, else its blocks), which the stack must cover."""
+    names = list(config.targets) or [
+        t.name for t in resolve_targets(stack.model, None, config.last_blocks, config.blocks or None)]
+    unknown = [n for n in names if n not in stack.targets]
+    if unknown:
+        raise ValueError(f"editor targets {unknown} are not in the edit stack")
+    return [stack.targets[n] for n in names]
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -38,3 +38,17 @@ def test_missing_or_foreign_checkpoint_gives_a_clear_error(tmp_path):
     (tmp_path / checkpoint.CONFIG).write_text('{"format_version": 99, "mend": {}}')
     with pytest.raises(checkpoint.EditorCheckpointError, match="format_version"):
         checkpoint.load(tmp_path)
+
+
+def test_editor_loads_into_a_stack_that_also_covers_locate_targets(tiny_llama, tmp_path):
+    """The service's stack adds the locate-then-edit layers; the editor still recognises its model."""
+    from editor_core.targets import out_proj_targets
+
+    own = EditStack(tiny_llama, resolve_targets(tiny_llama, blocks=[3]))
+    editor = MendEditor.untrained(own, MendConfig(rank=4, blocks=[3]))
+    checkpoint.save(tmp_path, editor.config, editor.nets.state_dict(), {"model_fingerprint": own.fingerprint})
+    wide = EditStack(tiny_llama, resolve_targets(tiny_llama, blocks=[3]) + out_proj_targets(tiny_llama, [1, 2]))
+    assert wide.fingerprint != own.fingerprint
+    loaded = MendEditor.load(tmp_path, wide)
+    assert [t.name for t in loaded.targets] == list(own.targets)  # its own targets, not the extra layers
+    assert loaded.fingerprint == wide.fingerprint  # its deltas fit the wide stack
