@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from editor_core.batching import build_batch, kl_pre_post, mean_target_nll, prompt_ids
+from editor_core.batching import build_batch, kl_pre_post, mean_target_nll, pad_id, prompt_ids, right_pad
 from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.requests import EditRequest
 from editor_core.targets import Target
@@ -81,15 +81,7 @@ def identity_factors(dense: torch.Tensor) -> LowRankUpdate:
 
 def _prompt_batch(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask of plain prompts: (B, T), (B, T)."""
-    rows = [prompt_ids(tokenizer, p) for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
+    return right_pad([prompt_ids(tokenizer, p) for p in prompts], pad_id(tokenizer), device)
 
 
 def all_top1(logits: torch.Tensor, labels: torch.Tensor) -> bool:

@@ -67,6 +67,25 @@ def prompt_ids_and_subject(tokenizer, prompt: str, subject: str | None) -> tuple
     return ids, flags
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS, else 0."""
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def right_pad(rows: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows right-padded into ids (B, T) and attention mask (B, T)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def build_batch(
     tokenizer,
     prompts: list[str],

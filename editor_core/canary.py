@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from editor_core.batching import prompt_ids
+from editor_core.batching import pad_id, prompt_ids, right_pad
 from editor_core.greedy import greedy_ids
 
 DEFAULT_CANARIES = Path(__file__).parent / "assets" / "canaries.json"
@@ -73,14 +73,8 @@ class CanarySet:
         device = next(model.parameters()).device
         rows = [prompt_ids(self.tokenizer, p) for p in self.prompts]
         seqs = [r + a for r, a in zip(rows, self.answers, strict=True)]
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        ids, mask = right_pad(seqs, pad_id(self.tokenizer), device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         logp = torch.log_softmax(logits.float(), -1)  # (n, T, V)
         same, mean_lp = [], []
         for i, (r, a) in enumerate(zip(rows, self.answers, strict=True)):

@@ -10,22 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from editor_core.batching import prompt_ids
-
-
-def _right_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+from editor_core.batching import pad_id, prompt_ids, right_pad
 
 
 @torch.no_grad()
@@ -40,7 +25,7 @@ def greedy_ids(model: nn.Module, tokenizer, prompts: list[str], lengths: list[in
         gen: list[list[int]] = [[] for _ in rows]
         for _ in range(max(want, default=0)):
             seqs = [r + g for r, g in zip(rows, gen, strict=True)]
-            ids, mask = _right_padded(seqs, _pad_id(tokenizer), device)
+            ids, mask = right_pad(seqs, pad_id(tokenizer), device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
             last = mask.sum(-1) - 1  # (B,)
             nxt = logits[torch.arange(len(seqs), device=device), last].argmax(-1).tolist()
@@ -60,7 +45,7 @@ def still_greedy(model: nn.Module, tokenizer, prompts: list[str], continuations:
     for s in range(0, len(prompts), batch_size):
         rows = [prompt_ids(tokenizer, p) for p in prompts[s : s + batch_size]]
         conts = continuations[s : s + batch_size]
-        ids, mask = _right_padded([r + c for r, c in zip(rows, conts, strict=True)], _pad_id(tokenizer), device)
+        ids, mask = right_pad([r + c for r, c in zip(rows, conts, strict=True)], pad_id(tokenizer), device)
         argmax = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(-1)  # (B, T)
         for i, (r, c) in enumerate(zip(rows, conts, strict=True)):
             pred = argmax[i, len(r) - 1 : len(r) - 1 + len(c)].tolist()  # predictions of c's tokens

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from editor_core.batching import IGNORE, prompt_ids_and_subject, target_ids
+from editor_core.batching import IGNORE, pad_id, prompt_ids_and_subject, right_pad, target_ids
 from editor_core.delta import LowRankUpdate
 from editor_core.requests import EditRequest
 from editor_core.tail import prefix_states, tail_logits
@@ -91,23 +91,10 @@ def _rows(tokenizer, requests: list[EditRequest], prefixes: tuple[str, ...], wit
     return rows
 
 
-def _pad(rows: list[_Row], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r.ids)] = torch.tensor(r.ids)
-        mask[b, : len(r.ids)] = 1
-        labels[b, : len(r.labels)] = torch.tensor(r.labels)
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
-def _pad_id(tokenizer) -> int:
-    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if cand is not None:
-            return int(cand)
-    return 0
+def _pad(rows: list[_Row], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, mask = right_pad([r.ids for r in rows], pad, device)  # (B, T), (B, T)
+    labels, _ = right_pad([r.labels for r in rows], IGNORE, device)  # (B, T)
+    return ids, mask, labels
 
 
 @dataclass
@@ -125,7 +112,7 @@ def optimise_values(model: nn.Module, tokenizer, requests: list[EditRequest], la
     """Find, per request, the state leaving block ``layer`` at the subject that makes the target come out."""
     device = next(model.parameters()).device
     rows = _rows(tokenizer, requests, cfg.prefixes, with_kl=cfg.kl_weight > 0)
-    ids, mask, labels = _pad(rows, _pad_id(tokenizer), device)
+    ids, mask, labels = _pad(rows, pad_id(tokenizer), device)
     n, B = len(requests), len(rows)
     pos = torch.tensor([r.subject_pos for r in rows], device=device)  # (B,)
     req = torch.tensor([r.request for r in rows], device=device)  # (B,)
@@ -226,7 +213,7 @@ def keys_and_states(model: nn.Module, tokenizer, requests: list[EditRequest], ta
     """
     device = next(model.parameters()).device
     rows = _rows(tokenizer, requests, prefixes, with_kl=False)
-    ids, mask, _ = _pad(rows, _pad_id(tokenizer), device)
+    ids, mask, _ = _pad(rows, pad_id(tokenizer), device)
     pos = torch.tensor([r.subject_pos for r in rows], device=device)
     req = torch.tensor([r.request for r in rows], device=device)
     rows_idx = torch.arange(len(rows), device=device)
