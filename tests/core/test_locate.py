@@ -172,3 +172,20 @@ def test_editor_refuses_layers_without_statistics(setup):
     cfg.memit_layers = [0, 1]
     with pytest.raises(ValueError, match="no layers"):
         LocateEditor("memit", stack, stats, cfg)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+def test_same_fact_corrected_twice_later_wins_and_rollback_restores_the_earlier(setup, facts, method):
+    model, tok, stack, stats = setup
+    editor = LocateEditor(method, stack, stats, config(d_in(stack)))
+    first, second = request(facts[0], 0), request(facts[0], 1)  # same prompt and subject, two targets
+
+    def top1() -> list[float]:
+        return [s.token_acc for s in score_targets(model, tok, [first.prompt] * 2, [first.target, second.target])]
+
+    stack.apply("first", editor.compute_delta(model, tok, [first]))
+    assert top1() == [1.0, 0.0]
+    stack.apply("second", editor.compute_delta(model, tok, [second]))  # AlphaEdit protects `first`'s key
+    assert top1() == [0.0, 1.0]  # ... and still the later correction wins
+    stack.revert("second")
+    assert top1() == [1.0, 0.0]  # the earlier correction, not the base answer
