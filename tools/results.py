@@ -142,6 +142,13 @@ def render(args, all_stages: list[Stage]) -> None:
              "reports), `neighbour_kept` = a neighbourhood prompt's greedy answer is unchanged. edit s = "
              "seconds to compute and apply one edit call on this shared machine (other jobs ran beside it: "
              "times are pessimistic).", ""]
+    if done:
+        lines += ["Stages in this report:", ""]
+        lines += [f"- `{name}`: {d['records']} records, {d['seconds']} s, finished {d['finished']}, "
+                  f"{d['threads']} torch thread(s), load average {d['load_average']}" for name, d in done.items()]
+        lines += [f"- `{name}`: cut short after {points[-1]['n']} edits (its checkpoints are shown)"
+                  for name, points in partial.items() if points]
+        lines.append("")
     for title, kind, data in (("Single edits (one fact at a time, reverted before the next)", "single",
                                "counterfact"),
                               ("Batched: 100 facts in one edit call", "batch", "counterfact"),
@@ -152,6 +159,9 @@ def render(args, all_stages: list[Stage]) -> None:
         mine = [s for s in all_stages if s.kind == kind and s.data == data and not s.name.startswith("stacked1000")]
         lines += [f"## {title}", "", head, sep]
         pre_done = next((done[s.name] for s in mine if s.name in done), None)
+        if pre_done is None and kind == "stacked":  # same first records: any finished CounterFact stage's "pre"
+            pre_done = next((d for d in done.values() if d["stage"]["data"] == data
+                             and d["records"] == args.stacked), None)
         if pre_done:
             lines.append(row("unedited", pre_done["records"], pre_done["pre"]))
         if kind == "stacked":  # the default method: the 100-edit point of its long run
