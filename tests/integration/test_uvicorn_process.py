@@ -55,12 +55,12 @@ def test_mend_serve_process_end_to_end(tiny_tokenizer, tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         ready = _wait_ready(base, proc, log)
-        assert ready["version"] == 0 and ready["methods"] == ["ft"]
+        assert ready["version"] == 0 and ready["methods"] == ["ft"] and ready["default_method"] == "ft"
         body = {"requests": [{"prompt": "The capital of Norway is", "target": "Bergen"}]}
-        refused = httpx.post(f"{base}/edit", json=body, timeout=30)
+        refused = httpx.post(f"{base}/edit", json=body | {"method": "mend"}, timeout=30)
         assert refused.status_code == 409 and "no trained MEND editor" in refused.json()["detail"]
-        edited = httpx.post(f"{base}/edit", json=body | {"method": "ft"}, timeout=120)
-        assert edited.status_code == 200 and edited.json()["version"] == 1
+        edited = httpx.post(f"{base}/edit", json=body, timeout=120)  # no method: the default the model offers
+        assert edited.status_code == 200 and edited.json()["version"] == 1 and edited.json()["method"] == "ft"
         q = httpx.post(f"{base}/query", json={"prompts": ["The capital of Norway is"], "max_new_tokens": 3},
                        timeout=30)
         assert q.status_code == 200 and q.json()["version"] == 1
