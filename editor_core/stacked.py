@@ -92,6 +92,7 @@ def stacked_curve(
                 rows.append(row)
             recent = times[max(0, n - 10):]
             point = {"n": n, "post": mean_metrics(rows),
+                     "pre": mean_metrics([record_metrics(pre[k]) for k in range(n)]),  # unedited, same facts
                      "edit_ms": {"median": float(np.median(times)), "p95": float(np.percentile(times, 95)),
                                  "recent_median": float(np.median(recent))}}
             if canaries is not None:
