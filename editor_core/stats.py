@@ -274,7 +274,7 @@ def run(args) -> int:
         described.append(f"CounterFact prompts with true answers from {Path(args.data).name}")
     if corpus in ("sampled", "both"):
         sampled = sampled_texts(model, tokenizer, n=args.samples, seed=args.seed, progress=not args.no_progress)
-        texts = sampled + texts if corpus == "sampled" else _interleave(texts, sampled)
+        texts = sampled + texts  # both: every sampled text, then CounterFact up to the token budget
         described.append(f"{args.samples} model-sampled texts (seed {args.seed})")
     stats = collect_key_stats(model, tokenizer, texts, layers, max_tokens=args.tokens, corpus="; ".join(described),
                               progress=not args.no_progress)
@@ -284,17 +284,3 @@ def run(args) -> int:
     config.save(out)
     log.info("wrote %s: layers %s, %d tokens (%s)", path, layers, stats.tokens, stats.corpus)
     return 0
-
-
-def _interleave(a: list[str], b: list[str]) -> list[str]:
-    """Mix two corpora so that a token budget takes from both."""
-    out: list[str] = []
-    step = max(1, len(a) // max(len(b), 1))
-    bi = iter(b)
-    for i, text in enumerate(a):
-        out.append(text)
-        if i % step == 0:
-            nxt = next(bi, None)
-            if nxt is not None:
-                out.append(nxt)
-    return out

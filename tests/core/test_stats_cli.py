@@ -1,0 +1,47 @@
+"""`mend stats` end to end on a tiny llama saved to a directory: statistics and config written, bad
+arguments refused with a clear message and status 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from editor_core.methods.locate import CONFIG_FILE, LocateConfig
+from editor_core.stats import STATS_FILE, KeyStats, stats_fingerprint
+from service.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    d = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def test_stats_from_sampled_and_counterfact_text(model_dir, tmp_path, facts, tiny_llama):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(facts))
+    out = tmp_path / "stats"
+    rc = main(["stats", "--model", str(model_dir), "--layers", "1", "2", "--data", str(data), "--samples", "8",
+               "--tokens", "400", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    stats = KeyStats.load(out / STATS_FILE)
+    assert stats.layers == [1, 2] and stats.tokens >= 400
+    assert "sampled" in stats.corpus and "CounterFact" in stats.corpus
+    assert stats.fingerprint == stats_fingerprint(tiny_llama, [1, 2])
+    cfg = LocateConfig.load(out)
+    assert (out / CONFIG_FILE).is_file() and cfg.rome_layers == [2] and cfg.alphaedit_layers == [1, 2]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--corpus", "counterfact"], "needs --data"),
+    (["--data", "/nonexistent.json"], "no such file"),
+    (["--layers", "9"], "--layers"),
+])
+def test_stats_refuses_bad_arguments(model_dir, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stats", "--model", str(model_dir), "--out", str(tmp_path / "s"), "--no-progress", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "s" / STATS_FILE).exists()
