@@ -102,6 +102,8 @@ def run_stage(stage: Stage, args) -> dict:
         rep = evaluate(model, tok, stack, editor, records, batch_size=batch, progress=not args.no_progress,
                        canaries=canaries)
         out = {"pre": rep.pre, "post": rep.post, "edit_ms": rep.edit_ms}
+    if stage.method in ("rome", "memit", "alphaedit"):
+        out["stats_corpus"] = KeyStats.load(Path(stats_dir) / STATS_FILE).corpus
     out.update({"stage": stage.__dict__, "records": len(records), "seconds": round(time.time() - started),
                 "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
                 "load_average": round(os.getloadavg()[0], 1)})
