@@ -92,6 +92,19 @@ def score_records(
     ]
 
 
+def locality_greedy(model: nn.Module, tokenizer, records: list[EditRecord], batch_size: int = 32
+                    ) -> list[list[list[int]]]:
+    """Per record, per locality prompt: the greedy token ids for the locality answer's length."""
+    prompts = [lp.prompt for r in records for lp in r.locality]
+    lengths = [len(target_ids(tokenizer, lp.answer)) for r in records for lp in r.locality]
+    flat = greedy_ids(model, tokenizer, prompts, lengths, batch_size) if prompts else []
+    out, at = [], 0
+    for r in records:
+        out.append(flat[at : at + len(r.locality)])
+        at += len(r.locality)
+    return out
+
+
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -181,13 +194,7 @@ def evaluate(
         pre_scores += score_records(model, tokenizer, chunk, score_batch_size)
     rows = [{"case_id": r.case_id, "pre": record_metrics(s)} for r, s in zip(records, pre_scores, strict=True)]
     loc_prompts = [[lp.prompt for lp in r.locality] for r in records]
-    flat = [p for ps in loc_prompts for p in ps]
-    lengths = [len(target_ids(tokenizer, lp.answer)) for r in records for lp in r.locality]
-    loc_greedy_flat = greedy_ids(model, tokenizer, flat, lengths, score_batch_size) if flat else []
-    loc_greedy, at = [], 0
-    for ps in loc_prompts:
-        loc_greedy.append(loc_greedy_flat[at : at + len(ps)])
-        at += len(ps)
+    loc_greedy = locality_greedy(model, tokenizer, records, score_batch_size)
     for row, ps in zip(rows, loc_prompts, strict=True):
         if ps:
             row["pre"]["neighbour_kept"] = 1.0
@@ -318,16 +325,12 @@ LOCATE = ("rome", "memit", "alphaedit")
 
 def _stats_dir(args):
     """--stats, else the statistics shipped for the model (None when there are none)."""
-    from pathlib import Path
+    from editor_core.stats import STATS_FILE, find_stats_dir
 
-    from editor_core.checkpoint import editors_root
-    from editor_core.models import short_name
-    from editor_core.stats import STATS_FILE
-
-    d = Path(args.stats) if args.stats else editors_root() / short_name(args.model)
-    if args.stats and not (d / STATS_FILE).is_file():
-        raise _UsageError(f"--stats: no {STATS_FILE} in {d}")
-    return d if (d / STATS_FILE).is_file() else None
+    d = find_stats_dir(args.model, args.stats)
+    if args.stats and d is None:
+        raise _UsageError(f"--stats: no {STATS_FILE} in {args.stats}")
+    return d
 
 
 def run(args) -> int:

@@ -23,24 +23,12 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
-from editor_core.batching import target_ids
 from editor_core.data import EditRecord
 from editor_core.delta import EditDelta
-from editor_core.evaluate import mean_metrics, record_metrics, score_records
-from editor_core.greedy import greedy_ids, still_greedy
+from editor_core.evaluate import locality_greedy, mean_metrics, record_metrics, score_records
+from editor_core.greedy import still_greedy
 
 log = logging.getLogger(__name__)
-
-
-def _locality_greedy(model, tokenizer, records: list[EditRecord]) -> list[list[list[int]]]:
-    prompts = [lp.prompt for r in records for lp in r.locality]
-    lengths = [len(target_ids(tokenizer, lp.answer)) for r in records for lp in r.locality]
-    flat = greedy_ids(model, tokenizer, prompts, lengths) if prompts else []
-    out, at = [], 0
-    for r in records:
-        out.append(flat[at : at + len(r.locality)])
-        at += len(r.locality)
-    return out
 
 
 def stacked_curve(
@@ -65,7 +53,7 @@ def stacked_curve(
         raise ValueError("no checkpoint within the number of records")
     records = records[: checkpoints[-1]]
     pre = score_records(model, tokenizer, records)
-    loc_greedy = _locality_greedy(model, tokenizer, records)
+    loc_greedy = locality_greedy(model, tokenizer, records)
     cache = Path(delta_dir) if delta_dir else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)

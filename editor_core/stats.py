@@ -76,6 +76,18 @@ class KeyStats:
                    json.loads(meta.get("extra", "{}")))
 
 
+def find_stats_dir(model_spec: str, explicit: str | Path | None = None) -> Path | None:
+    """Where a model's statistics live: ``explicit`` if given, else the dir shipped beside its editor.
+
+    None when that directory holds no statistics file.
+    """
+    from editor_core.checkpoint import editors_root
+    from editor_core.models import short_name
+
+    d = Path(explicit) if explicit else editors_root() / short_name(model_spec)
+    return d if (d / STATS_FILE).is_file() else None
+
+
 def stats_fingerprint(model: nn.Module, layers: list[int]) -> str:
     """The fingerprint statistics are keyed by: the model's out-projection weights of ``layers``."""
     from editor_core.fingerprint import model_fingerprint
@@ -161,15 +173,10 @@ def null_space_projector(moment: torch.Tensor, n_null: int) -> torch.Tensor:
     """(d, d) projector onto the ``n_null`` directions of least variance of ``moment`` (AlphaEdit's P).
 
     An update whose input side lies in this subspace leaves the layer's output for the keys the
-    statistics describe (nearly) unchanged. Chosen by count: on SmolLM2 one direction dominates the
-    spectrum, so thresholds relative to the top eigenvalue keep almost every dimension.
+    statistics describe (nearly) unchanged.
     """
-    d = moment.shape[0]
-    if not 0 < n_null <= d:
-        raise ValueError(f"n_null must be in 1..{d}, got {n_null}")
-    _, vecs = torch.linalg.eigh(moment.double())  # ascending eigenvalues; (d, d)
-    basis = vecs[:, :n_null]  # (d, n_null)
-    return (basis @ basis.t()).float()
+    basis = null_space_basis(moment, n_null)  # (d, n_null)
+    return basis @ basis.t()
 
 
 def counterfact_texts(path: str | Path, limit: int | None = None) -> list[str]:

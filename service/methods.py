@@ -14,9 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from editor_core.checkpoint import all_stack_targets, default_editor_dir, editors_root
-from editor_core.models import short_name
-from editor_core.stats import STATS_FILE, KeyStats, StatsError
+from editor_core.checkpoint import all_stack_targets, default_editor_dir
+from editor_core.stats import STATS_FILE, KeyStats, StatsError, find_stats_dir
 from editor_core.targets import Target
 from service.settings import Settings
 
@@ -33,8 +32,7 @@ def mend_editor_dir(settings: Settings) -> Path | None:
 
 def stats_dir(settings: Settings) -> Path | None:
     """Directory holding the key statistics for the model: MEND_STATS_DIR, else the shipped one, if any."""
-    d = Path(settings.stats_dir) if settings.stats_dir else editors_root() / short_name(settings.model)
-    return d if (d / STATS_FILE).is_file() else None
+    return find_stats_dir(settings.model, settings.stats_dir)
 
 
 def service_stack_targets(model, settings: Settings) -> list[Target]:

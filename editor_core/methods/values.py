@@ -91,6 +91,11 @@ def _rows(tokenizer, requests: list[EditRequest], prefixes: tuple[str, ...], wit
     return rows
 
 
+def _first_rows(rows: list[_Row], n: int, device) -> torch.Tensor:
+    """(n,) index of each request's first row: its bare prompt (the prefix "")."""
+    return torch.tensor([next(b for b, r in enumerate(rows) if r.request == i) for i in range(n)], device=device)
+
+
 def _pad(rows: list[_Row], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids, mask = right_pad([r.ids for r in rows], pad, device)  # (B, T), (B, T)
     labels, _ = right_pad([r.labels for r in rows], IGNORE, device)  # (B, T)
@@ -134,8 +139,7 @@ def optimise_values(model: nn.Module, tokenizer, requests: list[EditRequest], la
     base = prefix_states(model, ids, mask, layer + 1)  # (B, T, d): leaving block ``layer``
     rows_idx = torch.arange(B, device=device)
     h_rows = base[rows_idx, pos].float()  # (B, d)
-    first_row = torch.tensor([next(b for b, r in enumerate(rows) if r.request == i) for i in range(n)],
-                             device=device)
+    first_row = _first_rows(rows, n, device)
     h = h_rows[first_row]  # (n, d): bare prompt (prefix "")
     h_norm = h.norm(dim=-1, keepdim=True)  # (n, 1)
 
@@ -230,6 +234,5 @@ def keys_and_states(model: nn.Module, tokenizer, requests: list[EditRequest], ta
     n = len(requests)
     keys = torch.zeros(n, target.d_in, device=device).index_add(0, req, box[0])
     keys = keys / torch.bincount(req, minlength=n).unsqueeze(-1).float()  # (n, d_in)
-    first_row = torch.tensor([next(b for b, r in enumerate(rows) if r.request == i) for i in range(n)],
-                             device=device)
+    first_row = _first_rows(rows, n, device)
     return keys, states[first_row, pos[first_row]].float()
