@@ -110,7 +110,10 @@ async function doRollback(ctx, rec, box) {
   try {
     const res = await api("rollback", { method: "POST", body: { edit_id: rec.edit_id } });
     lastRollback = { edit_id: rec.edit_id, response: res };
-    fill(box, rollbackResult(res));
+    // The live feed may have re-rendered the page (rollback op) before this response arrived,
+    // leaving `box` detached: render again so the result shows from lastRollback.
+    if (box.isConnected) fill(box, rollbackResult(res));
+    else if (shownId === rec.edit_id) await show(ctx, rec.edit_id);
   } catch (err) {
     fill(box, el("p", { class: "error", role: "alert" }, err.message));
   }
