@@ -23,15 +23,26 @@ class FamilySpec:
     out_proj: str  # the MLP's output projection: its input is the "key" of locate-then-edit methods
 
 
-# model_type (transformers config) -> family spec. Adding an architecture is one row here.
+# model_type (transformers config) -> family spec. Adding an architecture is one row here (and one tiny
+# config in tests/core/test_any_model.py, which builds every row from config and edits it).
+_GATED = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # llama-style gated MLP
 FAMILIES: dict[str, FamilySpec] = {
     "gpt2": FamilySpec("transformer.h", ("mlp.c_fc", "mlp.c_proj"), True, "mlp.c_proj"),
-    "llama": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False, "mlp.down_proj"),
-    "mistral": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False, "mlp.down_proj"),
-    "qwen2": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False, "mlp.down_proj"),
-    "smollm3": FamilySpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), False, "mlp.down_proj"),
+    "llama": FamilySpec("model.layers", _GATED, False, "mlp.down_proj"),
+    "mistral": FamilySpec("model.layers", _GATED, False, "mlp.down_proj"),
+    "qwen2": FamilySpec("model.layers", _GATED, False, "mlp.down_proj"),
+    "qwen3": FamilySpec("model.layers", _GATED, False, "mlp.down_proj"),
+    "smollm3": FamilySpec("model.layers", _GATED, False, "mlp.down_proj"),
+    "gemma": FamilySpec("model.layers", _GATED, False, "mlp.down_proj"),
+    "gemma2": FamilySpec("model.layers", _GATED, False, "mlp.down_proj"),
+    "gemma3_text": FamilySpec("model.layers", _GATED, False, "mlp.down_proj"),
+    "olmo2": FamilySpec("model.layers", _GATED, False, "mlp.down_proj"),
+    "phi3": FamilySpec("model.layers", ("mlp.gate_up_proj", "mlp.down_proj"), False, "mlp.down_proj"),  # fused
+    "phi": FamilySpec("model.layers", ("mlp.fc1", "mlp.fc2"), False, "mlp.fc2"),
+    "starcoder2": FamilySpec("model.layers", ("mlp.c_fc", "mlp.c_proj"), False, "mlp.c_proj"),
     "gptj": FamilySpec("transformer.h", ("mlp.fc_in", "mlp.fc_out"), False, "mlp.fc_out"),
     "gpt_neo": FamilySpec("transformer.h", ("mlp.c_fc", "mlp.c_proj"), False, "mlp.c_proj"),
+    "falcon": FamilySpec("transformer.h", ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), False, "mlp.dense_4h_to_h"),
 }
 
 DEFAULT_LAST_BLOCKS = 3
