@@ -80,3 +80,14 @@ def effective_default_method(settings: Settings, available: list[str]) -> str | 
     log.warning("default method %s is not available on this model; edits without a method use %s",
                 settings.default_method, fallback)
     return fallback
+
+
+def default_method_reason(configured: str, chosen: str | None, unavailable: dict[str, str]) -> str:
+    """Why an /edit without ``method`` uses ``chosen`` (``/health/ready`` shows it)."""
+    if chosen is None:
+        return "no editing method is available on this model"
+    if chosen == configured:
+        return f"MEND_DEFAULT_METHOD is {configured}"
+    why = unavailable.get(configured, "not offered")
+    return (f"MEND_DEFAULT_METHOD {configured} is not available on this model ({why}); {chosen} is the first "
+            f"available in the order {' > '.join(PREFERENCE)}")
