@@ -108,6 +108,43 @@ class EditEngine:
         log.info("journal replayed", extra={"version": self.version, "active_edits": len(edits), "sha256": sha})
         return self.version
 
+    def follow(self, entries: list[tuple[dict, bytes | None]]) -> int:
+        """Replica: apply journal ops after ``version`` in journal order, as the writer applied them
+        (an edit's delta added, a rollback reverted), and check the targets' sha256 the journal
+        recorded after EVERY op before serving it. ``entries`` are (stream op as str dict, delta blob
+        of an edit op or None). An op already applied is skipped (never applied twice). An op this
+        path cannot reproduce exactly (a gap, an unknown op kind, a missing or altered blob, another
+        sha256) falls back to :meth:`replay`, the restart path, which checks the head's sha256 and
+        raises JournalMismatchError if even that disagrees. Runs on the worker thread; returns the
+        version now served."""
+        self._unsure = None  # a replica writes nothing; a committed op arrives through the stream
+        for op, blob in entries:
+            version = int(op["version"])
+            if version <= self.version:
+                continue
+            try:
+                if version != self.version + 1:
+                    raise ValueError(f"journal gap: op {version} after version {self.version}")
+                if op["op"] == "edit":
+                    if blob is None or hashlib.sha256(blob).hexdigest() != op.get("delta_sha256"):
+                        raise ValueError(f"delta blob of edit {op['edit_id']} missing or not as recorded")
+                    self.stack.apply(op["edit_id"], EditDelta.from_bytes(blob, self.stack.fingerprint,
+                                                                         self.stack.shapes))
+                elif op["op"] == "rollback":
+                    self.stack.revert(op["edit_id"])
+                else:
+                    raise ValueError(f"op kind {op['op']!r} is not followed op by op")
+                sha = self.stack.sha256()
+                if sha != op["sha256"]:
+                    raise ValueError(f"targets sha256 {sha[:16]}... after op {version}, journal recorded "
+                                     f"{op['sha256'][:16]}...")
+            except (KeyError, ValueError, NonFiniteEditError) as err:  # DeltaFormatError is a ValueError
+                log.warning("replica falls back to a full replay", extra={"version": version, "reason": str(err)})
+                return self.replay()
+            self.sha256 = sha
+            self._set_version(version)
+        return self.version
+
     # ---- queries -------------------------------------------------------------------------------
     def answer(self, jobs: list[QueryJob]) -> tuple[int, list[list[dict]]]:
         """One micro-batch of queries, with the version that served it."""

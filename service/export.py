@@ -34,6 +34,7 @@ from editor_core.targets import Target
 from service import redis_leftover
 from service.journal import Head, Journal, utc_now
 from service.methods import service_stack_targets
+from service.redis_conn import connect
 from service.redis_embedded import EmbeddedRedis, EmbeddedRedisError
 from service.runtime import Loader, default_loader
 from service.settings import Settings
@@ -150,7 +151,7 @@ def journal_client(settings: Settings) -> Iterator[redis.Redis]:
             except EmbeddedRedisError as err:
                 raise ExportError(f"cannot open the journal in {data_dir}: {err}") from err
             url = embedded.url
-    client = redis.Redis.from_url(url)
+    client = connect(url)
     try:
         try:
             client.ping()

@@ -31,3 +31,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
         self.ready = Gauge("mend_ready", "1 once the model is loaded and the journal replayed", registry=r)
+        # roles and replicas (service.replica): a writer reports lag 0 and its own version as the head
+        self.writer = Gauge("mend_writer", "1 while this instance is the journal's writer, 0 as a replica",
+                            registry=r)
+        self.journal_head_version = Gauge("mend_journal_head_version", "Version of the journal's head in Redis, "
+                                          "as last seen by this instance", registry=r)
+        self.replica_lag_ops = Gauge("mend_replica_lag_ops", "Ops in the journal not yet applied here", registry=r)
+        self.replica_lag_seconds = Gauge("mend_replica_lag_seconds", "Seconds this replica has been behind the "
+                                         "journal head (or out of touch with Redis)", registry=r)
+        self.replica_ops_applied = Counter("mend_replica_ops_applied", "Journal ops applied by following the "
+                                           "stream (each checked against its recorded sha256)", registry=r)

@@ -3,11 +3,16 @@
 Startup runs on a background thread so that ``/health/live`` answers at once and ``/health/ready``
 says 503 until the service can really serve:
 
-  redis (external or embedded) -> load model -> EditStack (fingerprint) -> writer lock
-  -> editors -> replay journal + verify sha256 -> worker thread -> ready
+  redis (external or embedded) -> load model -> EditStack (fingerprint) -> role (writer lock)
+  -> editors -> replay journal + verify sha256 -> worker thread -> [journal follower] -> ready
 
-The writer lock is taken as soon as the model's fingerprint is known, because the lock lives in the
-fingerprint's key namespace; nothing reads or writes the journal before it is held.
+The role is decided as soon as the model's fingerprint is known, because the writer lock lives in the
+fingerprint's key namespace. ``writer`` waits for the lock (``lock_wait_s``) and nothing writes the
+journal before it is held; ``replica`` never takes it; ``auto`` takes it if it is free and is a replica
+otherwise (an embedded redis-server has no other user, so ``auto`` is then the writer). Replicas and
+``auto`` instances run a :class:`service.replica.Follower` after the replay: it applies the stream's
+ops in journal order with a sha256 check per op, and switches an ``auto`` instance's role on failover
+(rules in :mod:`service.roles`).
 
 A failed startup, or an embedded redis-server that dies under a running service, calls
 ``on_failure(reason)``: ``mend serve`` sets it to end the process with a non-zero status, so that a
@@ -32,7 +37,10 @@ from service.engine import EditEngine
 from service.journal import Journal
 from service.methods import effective_default_method, locate_editors, mend_editor_dir, service_stack_targets
 from service.metrics import Metrics
+from service.redis_conn import connect, describe
 from service.redis_embedded import EmbeddedRedis
+from service.replica import Follower
+from service.roles import REPLICA, WRITER, Roles, advertised_url
 from service.settings import Settings
 from service.worker import ModelWorker
 from service.writer_lock import WriterLock
@@ -111,6 +119,8 @@ class Runtime:
         self.engine: EditEngine | None = None
         self.worker: ModelWorker | None = None
         self.model_source: str | None = None
+        self.roles: Roles | None = None
+        self.follower: Follower | None = None
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._ready = threading.Event()
@@ -120,6 +130,9 @@ class Runtime:
     @property
     def ready(self) -> bool:
         if self._note_journal_lost():
+            return False
+        if self.follower is not None and self.follower.error is not None:
+            self.status.phase, self.status.error = "failed", self.follower.error
             return False
         return self._ready.is_set() and self.worker is not None and self.worker.alive
 
@@ -157,7 +170,11 @@ class Runtime:
         try:
             self._phase("connecting")
             if s.redis_url:
-                self.client = redis.Redis.from_url(s.redis_url)
+                log.info("journal in Redis", extra={"redis": describe(s.redis_url)})
+                self.client = connect(s.redis_url)
+            elif s.role == REPLICA:
+                raise ValueError("role replica needs MEND_REDIS_URL: a replica follows the journal of a writer "
+                                 "in a shared Redis, and an embedded redis-server has no writer")
             else:
                 self.embedded = EmbeddedRedis(s.data_dir).start()
                 self.client = redis.Redis.from_url(self.embedded.url)
@@ -174,16 +191,14 @@ class Runtime:
             stack = EditStack(model, service_stack_targets(model, s))
             self.journal = Journal(self.client, stack.fingerprint, s.redis_prefix)
             self._phase("locking")
-            if self.embedded is not None:
-                self._drop_stale_lock()
             self.lock = WriterLock(self.client, self.journal.lock_key, s.lock_ttl_ms)
-            self.lock.acquire(wait_s=s.lock_wait_s)
-            self.lock.start_heartbeat()
+            role = self._take_role()
+            self.roles = Roles(s.role, self.journal, advertised_url(s), role)
             made = self.editors_factory(stack, model, tokenizer, s)
             editors = {m: e for m, e in made.items() if not isinstance(e, str)}
             unavailable = {m: e for m, e in made.items() if isinstance(e, str)}
             canaries = None
-            if s.canary_guard:
+            if s.canary_guard and s.role != REPLICA:
                 from editor_core.canary import CanarySet
 
                 canaries = CanarySet(model, tokenizer)  # on the unedited weights: replay comes after
@@ -198,9 +213,17 @@ class Runtime:
                                       max_wait_s=s.max_wait_ms / 1000.0,
                                       on_batch=self.metrics.batch_size.observe)
             self.worker.start()
+            if role == WRITER:
+                self.roles.publish(self.lock.token)
+            if s.role != WRITER:
+                url = s.redis_url or self.embedded.url
+                follow_client = connect(url, socket_timeout=s.lock_ttl_ms / 1000.0 + 10, socket_connect_timeout=5)
+                self.follower = Follower(follow_client, self.journal, self.engine, self.worker, self.roles,
+                                         self.lock, self.metrics, on_failure=self._fail)
+                self.follower.start()
             self.metrics.ready.set(1)
             self._phase("ready")
-            log.info("service ready", extra={"model": s.model, "fingerprint": stack.fingerprint[:16],
+            log.info("service ready", extra={"model": s.model, "fingerprint": stack.fingerprint[:16], "role": role,
                                              "version": self.engine.version, "editors": sorted(editors),
                                              "unavailable": sorted(unavailable)})
         except Exception as err:
@@ -209,6 +232,39 @@ class Runtime:
             self._fail(f"startup failed: {self.status.error}")
         finally:
             self._ready.set()
+
+    def _take_role(self) -> str:
+        """writer: wait for the lock; replica: never take it; auto: take it if it is free."""
+        s = self.settings
+        if s.role == REPLICA:
+            return REPLICA
+        if s.role == "auto" and self.embedded is None:
+            if self.lock.try_acquire():
+                self.lock.start_heartbeat()
+                return WRITER
+            log.info("writer lock held by another instance: starting as a replica",
+                     extra={"holder": (self.client.get(self.journal.lock_key) or b"").decode(errors="replace")})
+            return REPLICA
+        if self.embedded is not None:
+            self._drop_stale_lock()
+        self.lock.acquire(wait_s=s.lock_wait_s)
+        self.lock.start_heartbeat()
+        return WRITER
+
+    def replication(self) -> dict:
+        """Role, versions and lag (also pushed to the metrics)."""
+        engine = self.engine
+        if self.follower is not None and not self.roles.is_writer:
+            lag = self.follower.lag()
+        else:
+            v = engine.version if engine is not None else 0
+            lag = {"applied_version": v, "head_version": v, "lag_ops": 0, "lag_s": 0.0, "redis_reachable": True}
+            self.metrics.journal_head_version.set(v)
+            self.metrics.replica_lag_ops.set(0)
+            self.metrics.replica_lag_seconds.set(0)
+        role = self.roles.current if self.roles is not None else None
+        self.metrics.writer.set(1 if role == WRITER else 0)
+        return {"role": role, "configured_role": self.settings.role, **lag}
 
     def _drop_stale_lock(self) -> None:
         """Embedded journal: a writer lock found in it was left by a crashed service, so drop it
@@ -252,10 +308,12 @@ class Runtime:
         if self._watcher is not None:
             self._watcher.join(timeout=5)
         self.metrics.ready.set(0)
+        if self.follower is not None:
+            self.follower.stop()
         if self.worker is not None:
             self.worker.stop()
-        if self.lock is not None:
-            self.lock.release()
+        if self.lock is not None and (self.roles is None or self.roles.is_writer):
+            self.lock.release()  # a replica holds none (a deposed writer released it when it stepped down)
         if self.client is not None:
             self.client.close()
         if self.embedded is not None:

@@ -88,6 +88,10 @@ class QueryIn(_Strict):
     prompts: list[StrictStr] = Field(min_length=1)
     max_new_tokens: StrictInt | None = Field(None, ge=1)
     candidates: list[StrictStr] | None = Field(None, description="continuations to score")
+    min_version: StrictInt | None = Field(
+        None, ge=0, description="read-your-writes: answer from journal version >= this one (the version an /edit "
+                                "or /rollback returned); an instance behind waits up to MEND_MIN_VERSION_WAIT_S, "
+                                "then answers 503 with Retry-After and its version")
 
     @field_validator("prompts")
     @classmethod

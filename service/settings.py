@@ -85,7 +85,23 @@ class Settings(BaseSettings):
         0.25, ge=0, description="refuse an edit after which the canaries' unedited answers lost more than this "
                                 "mean log-prob (nats per token) against the unedited model")
 
-    @field_validator("redis_url", "editor_dir", "stats_dir", "model_cache", "torch_threads", mode="before")
+    # --- roles and replicas (see service.roles) -------------------------------------------------
+    role: Literal["writer", "replica", "auto"] = Field(
+        "auto", description="writer: takes the writer lock (waits lock_wait_s for it) and edits; replica: follows "
+                            "the journal and answers queries, edits get 409 with the writer's URL; auto: writer "
+                            "while it holds the lock, replica otherwise, takes over when the writer's lock expires")
+    advertise_url: str | None = Field(
+        None, description="URL at which clients reach this instance; a writer publishes it in Redis and replicas "
+                          "name it in their 409 (default http://<host>:<port>)")
+    min_version_wait_s: float = Field(
+        5.0, ge=0, le=300, description="how long /query waits for its min_version before 503 with Retry-After")
+    replica_max_lag_ops: int = Field(
+        100, ge=0, description="a replica more ops behind the journal head than this says 503 on /health/ready")
+    replica_max_lag_s: float = Field(
+        30.0, gt=0, description="a replica behind the head (or out of touch with Redis) for longer than this says "
+                                "503 on /health/ready")
+
+    @field_validator("redis_url", "editor_dir", "stats_dir", "model_cache", "torch_threads", "advertise_url", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v

@@ -67,6 +67,14 @@ class WriterLock:
                 warned = True
             time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
 
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it; never waits (an ``auto`` instance deciding its role)."""
+        if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            log.info("writer lock acquired", extra={"lock": self.key, "owner": self.token})
+            self.lost = False
+            return True
+        return False
+
     def try_reacquire(self) -> bool:
         """Take the lock again if it is free (it expired, e.g. while Redis was down); never waits.
 

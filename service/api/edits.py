@@ -1,7 +1,13 @@
-"""POST /edit, POST /rollback, GET /edits, GET /edits/{edit_id}."""
+"""POST /edit, POST /rollback, GET /edits, GET /edits/{edit_id}.
+
+Writes go to the writer only: on a replica, /edit and /rollback answer 409 ``not_writer`` with the
+writer's advertised URL (never a silent proxy). The role is checked on the model-worker thread right
+before the engine runs, where role changes also happen, so no write slips through a switch.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,7 +65,19 @@ class EditFilter:
         return total, page
 
 
-@router.post("/edit", response_model=EditOut)
+def _as_writer(runtime, job: Callable[[], dict]) -> Callable[[], dict]:
+    """``job`` run on the worker only if this instance is still the writer then (else 409)."""
+    def guarded() -> dict:
+        runtime.roles.require_writer(runtime.engine.version)
+        return job()
+    return guarded
+
+
+_NOT_WRITER = {409: {"description": "`not_writer`: this instance is a replica; `writer_url` names the writer "
+                                    "(also `already_rolled_back`, `idempotency_key_reused`, `editor_unavailable`)"}}
+
+
+@router.post("/edit", response_model=EditOut, responses=_NOT_WRITER)
 async def edit(body: EditIn, request: Request, who: EditorPrincipal) -> dict:
     """Write facts into the model. Journaled (durably) before this returns.
 
@@ -68,17 +86,18 @@ async def edit(body: EditIn, request: Request, who: EditorPrincipal) -> dict:
     """
     runtime = ready_runtime(request)
     check_edit_limits(body, runtime.settings)
+    runtime.roles.require_writer(runtime.engine.version)
     await journal_reachable(runtime)
     requests = [r.model_dump() for r in body.requests]
     engine = runtime.engine
     method = body.method  # None: the engine's default (MEND_DEFAULT_METHOD if the model offers it)
     fut = runtime.worker.submit_exclusive(
-        lambda: engine.edit(requests, method, who.name, body.idempotency_key)
+        _as_writer(runtime, lambda: engine.edit(requests, method, who.name, body.idempotency_key))
     )
     return await await_worker(fut, runtime.settings.edit_timeout_s, "edit")
 
 
-@router.post("/rollback", response_model=RollbackOut, response_model_exclude_none=True)
+@router.post("/rollback", response_model=RollbackOut, response_model_exclude_none=True, responses=_NOT_WRITER)
 async def rollback(body: RollbackIn, request: Request, who: AdminPrincipal) -> dict:
     """Revert one edit by rebuilding its targets from the pristine base and the remaining edits.
 
@@ -86,9 +105,10 @@ async def rollback(body: RollbackIn, request: Request, who: AdminPrincipal) -> d
     ``dependents`` and the ``note`` says so.
     """
     runtime = ready_runtime(request)
+    runtime.roles.require_writer(runtime.engine.version)
     await journal_reachable(runtime)
     engine = runtime.engine
-    fut = runtime.worker.submit_exclusive(lambda: engine.rollback(body.edit_id, who.name))
+    fut = runtime.worker.submit_exclusive(_as_writer(runtime, lambda: engine.rollback(body.edit_id, who.name)))
     return await await_worker(fut, runtime.settings.edit_timeout_s, "rollback")
 
 

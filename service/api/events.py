@@ -31,6 +31,7 @@ from fastapi.responses import StreamingResponse
 
 from service.api.auth import require
 from service.api.deps import ready_runtime
+from service.redis_conn import connect_async
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ async def events(
     """Follow the journal: every op (edit, rollback) as a server-sent event, live. Role reader."""
     runtime = ready_runtime(request)
     key = runtime.journal.key("ops")
-    client = aredis.Redis.from_url(_redis_url(runtime), socket_timeout=KEEPALIVE_S + 10, socket_connect_timeout=5)
+    client = connect_async(_redis_url(runtime), socket_timeout=KEEPALIVE_S + 10, socket_connect_timeout=5)
     try:
         newest = await client.xrevrange(key, count=1)
     except BaseException:

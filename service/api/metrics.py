@@ -12,5 +12,8 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/metrics", dependencies=[Depends(require("reader"))])
 def metrics(request: Request) -> Response:
-    """Request counts/latency per route, edits applied/rolled back, journal version, batch sizes."""
+    """Request counts/latency per route, edits applied/rolled back, journal version, batch sizes, role and lag."""
+    runtime = request.app.state.runtime
+    if runtime.engine is not None:
+        runtime.replication()  # role, head version and lag as of this scrape
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

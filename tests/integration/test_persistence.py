@@ -100,7 +100,7 @@ def test_aof_survives_sigkill_at_journal_level(tmp_path):
 
 
 def test_second_writer_waits_for_the_lock_then_fails_clearly(tiny_tokenizer):
-    settings = make_settings(lock_wait_s=0.5)
+    settings = make_settings(lock_wait_s=0.5, role="writer")  # role auto would start as a replica instead
     with serving(settings, tiny_tokenizer) as first:
         with serving(settings, tiny_tokenizer, wait=False) as second:
             deadline = time.monotonic() + 30
