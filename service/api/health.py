@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api.deps import get_runtime
+from service.methods import default_method_reason
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -40,9 +41,12 @@ def ready(request: Request):
         "fingerprint": engine.stack.fingerprint,
         "sha256": engine.sha256,  # targets' sha256 as written at ``version`` (compare with the journal head)
         "active_edits": len(engine.stack.active_ids),
-        "methods": sorted(engine.editors),
+        "device": str(next(engine.model.parameters()).device),
+        "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+        "methods": sorted(engine.editors),  # what this model can be edited with
         "default_method": engine.default_method,
-        "unavailable_methods": engine.unavailable,
+        "default_method_reason": default_method_reason(s.default_method, engine.default_method, engine.unavailable),
+        "unavailable_methods": engine.unavailable,  # method -> why not (e.g. no MEND editor for this model)
         **replication,
     }
     if replication["role"] != "writer":
