@@ -7,7 +7,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP     := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast serve lint bench results clean
+.PHONY: setup test test-fast serve lint bench results clean check-gpu
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/mend bench
+
+# On a machine with a GPU and a CUDA build of torch: writes docs/GPU.md (exit 2 without CUDA; --dry runs on CPU)
+check-gpu: setup
+	$(BIN)/mend check-gpu
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
