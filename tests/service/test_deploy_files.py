@@ -107,7 +107,7 @@ def _dashboard_queries(dash: dict) -> list[str]:
 def test_compose_monitoring_profile_is_optional_and_pinned():
     services = _compose()["services"]
     default = {name for name, svc in services.items() if "profiles" not in svc}
-    assert default == {"redis", "mend"}  # `docker compose up` without a profile is unchanged
+    assert default == {"redis", "mend", "replica", "proxy"}  # writer + replicas behind the proxy (issue 14)
     for name in ("prometheus", "grafana"):
         svc = services[name]
         assert svc["profiles"] == ["monitoring"]
@@ -131,7 +131,7 @@ def test_prometheus_scrapes_metrics_with_a_reader_key_from_a_mounted_file():
     assert key_mount["type"] == "bind" and key_mount["read_only"] is True
     assert key_mount["source"].startswith("${PROMETHEUS_KEY_FILE:-")
     names = [n for sd in job["dns_sd_configs"] for n in sd["names"]]
-    assert set(names) == {"mend", "mend-gpu"} and all(sd["port"] == 8000 for sd in job["dns_sd_configs"])
+    assert set(names) == {"mend", "replica", "mend-gpu"} and all(sd["port"] == 8000 for sd in job["dns_sd_configs"])
     assert "PROMETHEUS_KEY_FILE" in (REPO / "README.md").read_text()
 
 
