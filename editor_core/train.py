@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from editor_core.stack import EditStack
 from editor_core.state_cache import PrefixStateCache
 from editor_core.tail import tail_logits
 from editor_core.targets import resolve_targets
+from editor_core.train_card import device_description, write_card
 from editor_core.training_plot import plot_history
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    # bf16 autocast of the passes no editor gradient flows through (frozen prefix, pre-edit locality logits,
+    # the edit's gradient factors); the post-edit passes that train the editor stay in the model's dtype.
+    # "auto": bf16 on a CUDA device that supports it with an fp32 model, else off
+    autocast: str = "auto"
     prefix_cache: bool = True
     limit: int | None = None  # read at most this many records per file
     init_from: str | None = None  # continue from this checkpoint's nets (its MendConfig wins)
@@ -103,6 +108,7 @@ class EditorTrainer:
             self.editor.nets.load_state_dict(start.state)
             log.info("continuing from %s", cfg.init_from)
         self.first = min(t.block for t in targets)
+        self.autocast = resolve_autocast(cfg)
         self.cache = PrefixStateCache(self.model, self.first, enabled=cfg.prefix_cache)
         nets = self.editor.nets.to(cfg.device)
         self.opt = torch.optim.Adam([
@@ -110,8 +116,18 @@ class EditorTrainer:
             {"params": [nets.log_lr], "lr": cfg.lr_lr},
         ])
 
+    def _amp(self):
+        """bf16 autocast when enabled (see ``TrainConfig.autocast``), else nothing."""
+        if self.autocast == "off":
+            return nullcontext()
+        return torch.autocast(torch.device(self.cfg.device).type, dtype=torch.bfloat16)
+
+    def _states(self, batch: TokenBatch) -> torch.Tensor:
+        with self._amp():  # the frozen prefix: no gradient ever flows through it
+            return self.cache.states(batch)
+
     def _tail(self, batch: TokenBatch, select: torch.Tensor | None = None) -> torch.Tensor:
-        return tail_logits(self.model, self.first, self.cache.states(batch), batch.attention_mask, select)
+        return tail_logits(self.model, self.first, self._states(batch), batch.attention_mask, select)
 
     def _edit_updates(self, records: list[EditRecord]):
         """Editor output for one batched edit of ``records`` (differentiable in the editor)."""
@@ -119,13 +135,14 @@ class EditorTrainer:
             self.tok, [r.prompt for r in records], [r.target_new for r in records], self.cfg.mend.max_len,
             subjects=self.editor.factor_subjects([r.subject for r in records]),
         ).to(self.cfg.device)
-        states = self.cache.states(edit)
-        factors = capture_factors(
-            self.model, self.editor.targets, edit,
-            run=lambda: tail_logits(self.model, self.first, states, edit.attention_mask, target_positions(edit)),
-            loss_fn=selected_target_nll,
-        )
-        return self.editor.updates_from_factors(factors)
+        states = self._states(edit)
+        with self._amp():  # the edit's gradient factors: inputs of the editor, not trained through
+            factors = capture_factors(
+                self.model, self.editor.targets, edit,
+                run=lambda: tail_logits(self.model, self.first, states, edit.attention_mask, target_positions(edit)),
+                loss_fn=selected_target_nll,
+            )
+        return self.editor.updates_from_factors(factors)  # editor nets in fp32
 
     def step(self, records: list[EditRecord]) -> dict[str, float]:
         """One meta-training step on a batch of edits; returns the loss terms."""
@@ -138,7 +155,7 @@ class EditorTrainer:
         # Logits only where a loss reads them: the target positions of the edit sequences, and the
         # answer positions of the locality sequences (KL over the neighbour's answer tokens).
         loc_sel = target_positions(loc_b) if loc_b is not None else None
-        with torch.no_grad():
+        with torch.no_grad(), self._amp():
             loc_pre = torch.log_softmax(self._tail(loc_b, loc_sel).float(), -1) if loc_b is not None else None
         updates = self._edit_updates(records)
         with added_updates(self.model, updates):
@@ -240,6 +257,9 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
     history["unedited"] = baseline
     log.info("unedited model on val: %s", _fmt(baseline))
     best, bad_rounds, rng = -1.0, 0, random.Random(cfg.seed)
+    best_summary: dict | None = None
+    where = {**device_description(cfg.device), "autocast": trainer.autocast}
+    log.info("training on %s (%s), autocast %s", where["device"], where["device_name"], trainer.autocast)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(range(1, cfg.steps + 1), desc="mend train", unit="step")
@@ -257,8 +277,9 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
                     log.info("step %d val %s", step, _fmt(val))
                     if val["score"] > best:
                         best, bad_rounds = val["score"], 0
-                        _save(out, cfg, trainer, {"step": step, "val": val, "unedited_val": baseline,
-                                                  "wall_s": time.perf_counter() - t0})
+                        best_summary = {"step": step, "val": val, "unedited_val": baseline,
+                                        "wall_s": time.perf_counter() - t0, **where}
+                        _save(out, cfg, trainer, best_summary)
                     else:
                         bad_rounds += 1
                         if bad_rounds >= cfg.patience:
@@ -274,9 +295,20 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
                                "misses": trainer.cache.misses}
     (out / "history.json").write_text(json.dumps(history, indent=1))
     plot_history(history, out / "training.png")
+    write_card(out, cfg, history, best_summary, trainer.autocast)
     log.info("done in %.0f s (%.2f s/step); best val score %.3f; checkpoint in %s",
              history["wall_s"], history["step_s"], best, out)
     return history
+
+
+def resolve_autocast(cfg: TrainConfig) -> str:
+    """"bf16" or "off" for ``cfg.autocast`` on ``cfg.device`` (see the field's comment)."""
+    if cfg.autocast not in ("auto", "bf16", "off"):
+        raise ValueError(f"autocast must be auto, bf16 or off, got {cfg.autocast!r}")
+    if cfg.autocast != "auto":
+        return cfg.autocast
+    cuda = torch.device(cfg.device).type == "cuda" and torch.cuda.is_available()
+    return "bf16" if cuda and cfg.dtype == "float32" and torch.cuda.is_bf16_supported() else "off"
 
 
 def _save(out: Path, cfg: TrainConfig, trainer: EditorTrainer, summary: dict) -> None:
@@ -315,6 +347,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which tokens' gradient factors form the edit")
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--autocast", default=d.autocast, choices=["auto", "bf16", "off"],
+                   help="bf16 autocast of the passes the editor is not trained through (auto: on CUDA)")
     p.add_argument("--init-from", default=None, help="start from this checkpoint's editor (and its config)")
     p.add_argument("--no-prefix-cache", action="store_true", help="recompute the frozen prefix every step")
 
@@ -328,7 +362,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model=args.model, data=list(args.data), format=args.format, out=args.out, val_size=args.val_size,
         edits_per_step=args.edits_per_step, steps=args.steps, lr=args.lr, lr_lr=args.lr_lr,
         c_edit=args.c_edit, c_loc=args.c_loc, val_every=args.val_every, patience=args.patience,
-        seed=args.seed, device=args.device, dtype=args.dtype, prefix_cache=not args.no_prefix_cache,
+        seed=args.seed, device=args.device, dtype=args.dtype, autocast=args.autocast,
+        prefix_cache=not args.no_prefix_cache,
         limit=args.limit, init_from=args.init_from, mend=mend,
     )
 
@@ -336,6 +371,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mend train``; returns the process exit code."""
     cfg = config_from_args(args)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        log.error("--device %s: no CUDA device here (torch %s); install a CUDA build of torch (make setup "
+                  "TORCH_INDEX=https://download.pytorch.org/whl/cu126) on a machine with a GPU, or train with "
+                  "--device cpu", cfg.device, torch.__version__)
+        return 2
     for path in cfg.data:
         if not Path(path).is_file():
             log.error("training data %s does not exist", path)
