@@ -25,6 +25,7 @@ FIGURES: dict[str, str] = {
     "rollback": "bench.rollback",
     "training_step": "bench.training_step",
     "memory": "bench.memory",
+    "replicas": "bench.replicas",
 }
 
 
