@@ -131,6 +131,21 @@ def _synthesize(ctx: BenchContext, prefix: str, fingerprint: str, n: int, apply_
     return version
 
 
+def _redis_cost(ctx: BenchContext, prefix: str, fingerprint: str) -> dict:
+    """Commands/s Redis serves while nothing is edited, and the mean delta blob size of the journal."""
+    from service.journal import Journal
+
+    client = ctx.client()
+    idle_s = min(10.0, ctx.sizes.deadline_s / 60)
+    before = int(client.info("stats")["total_commands_processed"])
+    time.sleep(idle_s)
+    after = int(client.info("stats")["total_commands_processed"])
+    journal = Journal(client, fingerprint, prefix)
+    sizes = [client.strlen(journal.key("delta", o["edit_id"])) for o in journal.ops() if o["op"] == "edit"]
+    return {"idle_cmds_per_s": (after - before - 2) / idle_s, "idle_s": idle_s,
+            "blob_bytes": sum(sizes) / max(1, len(sizes))}
+
+
 def run(ctx: BenchContext) -> Figure:
     import httpx
 
@@ -144,11 +159,12 @@ def run(ctx: BenchContext) -> Figure:
     common = {"canary_guard": "false", "lock_ttl_ms": 5000}
     deadline = time.monotonic() + s.deadline_s
     writer = ServeProcess(ctx, prefix, role="writer", **common)
-    writer.wait_ready()
-    replicas = [ServeProcess(ctx, prefix, role="replica", **common) for _ in range(2)]
-    procs = [writer, *replicas]
+    procs = [writer]
     apply_ms: list[float] = []
     try:
+        writer.wait_ready()
+        replicas = [ServeProcess(ctx, prefix, role="replica", **common) for _ in range(2)]
+        procs += replicas
         for p in replicas:
             p.wait_ready()
         methods = writer.ready_body.get("methods", [])
@@ -162,6 +178,8 @@ def run(ctx: BenchContext) -> Figure:
             finally:
                 replicas[1].proc.send_signal(signal.SIGCONT)
             samples[2] = _propagation(http, mend, replicas, facts, s.journal_edits, method, deadline)
+        redis_cost = _redis_cost(ctx, prefix, writer.ready_body["fingerprint"])
+        memory = {"writer": writer.memory_kb(), "replica": replicas[0].memory_kb()}
         for n, v in samples.items():
             fig.rows.append({"measure": f"propagation ack -> visible, {n} replica{'s' * (n > 1)} following",
                              "n": len(v), "p50_ms": round(pct(v, 50), 1), "p99_ms": round(pct(v, 99), 1),
@@ -230,6 +248,15 @@ def run(ctx: BenchContext) -> Figure:
                      "the other replica for the same cores, so throughput shows the overhead of following, not "
                      "the gain; on separate machines each replica adds one more process's throughput (one model "
                      "copy in memory each)")
+    for who, kb in memory.items():
+        fig.rows.append({"measure": f"peak RSS of the {who} after the propagation runs (MiB)", "n": 1,
+                         "MiB": round(kb.get("VmHWM", 0) / 1024)})
+    fig.ratios["redis commands/s, idle, writer + 2 replicas"] = redis_cost["idle_cmds_per_s"]
+    fig.ratios["mean journal bytes per edit op (delta blob)"] = redis_cost["blob_bytes"]
+    fig.notes.append(f"Redis load while idle: {redis_cost['idle_cmds_per_s']:.1f} commands/s for the writer and "
+                     f"both replicas together over {redis_cost['idle_s']:g} s (a replica's blocking XREAD returns at least every "
+                     "second, then reads the head; an auto replica also reads the lock); per op each replica reads "
+                     f"the op and its delta blob (mean {redis_cost['blob_bytes']:,.0f} bytes here)")
     fig.notes.append("visible = the replica's /health/ready reports the version (polled every 5 ms, so up to "
                      "~5 ms of each figure is the poll); a replica applies each op then checks the targets' sha256 "
                      "recorded in the journal before serving it")
