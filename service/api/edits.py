@@ -32,10 +32,12 @@ class EditFilter:
     author: str | None = None
     status: str | None = None
     after_version: int | None = None
+    subject: str | None = None
 
     @property
     def active(self) -> bool:
-        return any(v not in (None, "") for v in (self.q, self.method, self.author, self.status, self.after_version))
+        return any(v not in (None, "") for v in (self.q, self.method, self.author, self.status, self.after_version,
+                                                 self.subject))
 
     def matches(self, record: dict) -> bool:
         """True when the journal record passes every filter given."""
@@ -47,6 +49,10 @@ class EditFilter:
             return False
         if self.after_version is not None and int(record.get("version", 0)) <= self.after_version:
             return False
+        if self.subject:
+            wanted = self.subject.strip().casefold()
+            if not any((r.get("subject") or "").strip().casefold() == wanted for r in record.get("requests", [])):
+                return False
         if self.q:
             needle = self.q.casefold()
             texts = [r.get(f) or "" for r in record.get("requests", []) for f in ("subject", "prompt", "target")]
@@ -125,6 +131,9 @@ async def list_edits(
     author: str | None = Query(None, max_length=200, description="only edits by this author (the key's name)"),
     status: Literal["active", "rolled_back"] | None = Query(None, description="only active or rolled-back edits"),
     after_version: int | None = Query(None, ge=0, description="only edits whose version is above this one"),
+    subject: str | None = Query(None, max_length=1000,
+                                description="only edits with a request about this subject (whole subject, "
+                                            "case-insensitive): every correction of a fact about it"),
 ) -> dict:
     """Journal entries (requests, results, status, author, timestamps, sha256), paged.
 
@@ -138,7 +147,7 @@ async def list_edits(
         raise RequestValidationError([{"type": "value_error", "loc": ("query", "limit"),
                                        "msg": f"at most max_page_size={runtime.settings.max_page_size}",
                                        "input": limit}])
-    filters = EditFilter(q, method, author, status, after_version)
+    filters = EditFilter(q, method, author, status, after_version, subject)
     if filters.active:
         total, page = await run_in_threadpool(filters.page, runtime.journal, offset, limit, order == "desc")
     else:

@@ -190,6 +190,8 @@ def test_edits_filters(client, journal):
     paged = listing(status="active", limit=1, offset=1, order="asc")
     assert paged["total"] == active["total"] and [e["edit_id"] for e in paged["edits"]] == [c]
     assert listing(q="no such text anywhere")["total"] == 0
+    assert [e["edit_id"] for e in listing(subject=" NORWAY ")["edits"]] == [a]  # the whole subject, any case
+    assert listing(subject="Norw")["total"] == 0  # not a substring match: that is q
     plain = listing()  # no filter: the existing behaviour
     assert plain["total"] >= 3 and plain["edits"][0]["version"] > plain["edits"][-1]["version"]
     assert client.get("/edits", params={"status": "deleted"}, headers=READER).status_code == 422
