@@ -92,7 +92,7 @@ async def edit(body: EditIn, request: Request, who: EditorPrincipal) -> dict:
     """
     runtime = ready_runtime(request)
     check_edit_limits(body, runtime.settings)
-    runtime.roles.require_writer(runtime.engine.version)
+    await run_in_threadpool(runtime.roles.require_writer, runtime.engine.version)  # 409 on a replica
     await journal_reachable(runtime)
     requests = [r.model_dump() for r in body.requests]
     engine = runtime.engine
@@ -111,7 +111,7 @@ async def rollback(body: RollbackIn, request: Request, who: AdminPrincipal) -> d
     ``dependents`` and the ``note`` says so.
     """
     runtime = ready_runtime(request)
-    runtime.roles.require_writer(runtime.engine.version)
+    await run_in_threadpool(runtime.roles.require_writer, runtime.engine.version)  # 409 on a replica
     await journal_reachable(runtime)
     engine = runtime.engine
     fut = runtime.worker.submit_exclusive(_as_writer(runtime, lambda: engine.rollback(body.edit_id, who.name)))

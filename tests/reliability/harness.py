@@ -102,7 +102,10 @@ class ServiceProc:
                    MEND_REDIS_URL=redis_url, MEND_REDIS_PREFIX=prefix, MEND_TORCH_THREADS="1",
                    MEND_LOG_FORMAT="json", MEND_EDITORS_DIR=str(self.workdir / "no-editors"),
                    MEND_LOCK_TTL_MS="2000", MEND_LOCK_WAIT_S="60", MEND_DATA_DIR=str(self.workdir / "var"),
-                   MEND_CANARY_GUARD="false")  # a tiny random model's canaries flip on any edit
+                   MEND_CANARY_GUARD="false",  # a tiny random model's canaries flip on any edit
+                   # these scenarios are about one writer: with the default role auto, a process restarted
+                   # while its dead predecessor's lock lives would serve as a replica (409 on edits) until then
+                   MEND_ROLE="writer")
         env.update({f"MEND_{k.upper()}": (json.dumps(v) if isinstance(v, dict) else str(v))
                     for k, v in settings.items()})
         self.env = env
