@@ -48,8 +48,9 @@ class CheckConfig:
     data: str = "../shared/data/counterfact-val.json"
     records: int = 20  # edited one at a time (each rolled back) per method and dtype
     methods: list[str] = field(default_factory=lambda: ["mend", "alphaedit"])
-    # smallest share of records whose target becomes the greedy answer (CPU fp32 reference: see docs/GPU.md)
-    min_success: dict[str, float] = field(default_factory=lambda: {"mend": 0.3, "alphaedit": 0.7})
+    # smallest share of records whose target becomes the greedy answer; the same check on CPU fp32
+    # (`--device cpu --dtypes float32`, first 20 counterfact-val records) gave mend 0.15, alphaedit 0.95
+    min_success: dict[str, float] = field(default_factory=lambda: {"mend": 0.1, "alphaedit": 0.8})
     kept_edits: int = 4  # edits kept through the restart (the second one rolled back first)
     active_edits: int = 1000  # for the memory figure (replicas of real deltas, applied as a replay does)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
@@ -373,6 +374,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=d.data, help="CounterFact (EasyEdit) records to edit")
     p.add_argument("--records", type=int, default=None)
     p.add_argument("--dtypes", nargs="+", default=None, choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--methods", nargs="+", default=None, choices=["mend", "alphaedit", "memit", "rome", "ft"])
+    p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--active-edits", type=int, default=None)
     p.add_argument("--canary-guard", action="store_true", help="keep the service's canary guard on")
     p.add_argument("--out", default=None, help=f"markdown report (default {DEFAULT_OUT} on a GPU; none with "
@@ -383,7 +386,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``mend check-gpu``: 0 when every check passed, 1 when one failed, 2 when it cannot run."""
     cfg = CheckConfig.dry_run() if args.dry else CheckConfig(device=args.device, model=args.model, data=args.data)
-    for name in ("records", "dtypes", "active_edits"):
+    for name in ("records", "dtypes", "methods", "active_edits", "torch_threads"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.canary_guard = args.canary_guard
