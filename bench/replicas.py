@@ -12,13 +12,15 @@ canaries flip on any edit).
 - Query throughput: the same concurrent clients against the writer alone and against the two
   replicas (round-robin, as the proxy does), rounds alternating.
 - Catch-up: the writer is stopped, a replica SIGSTOPped, N ops appended to the journal through the
-  real path (EditStack.apply, sha256, Journal.append_edit under the writer lock, as `journal_with`),
+  real path (EditStack.apply, sha256, Journal.append_edit under the writer lock, as `journal_with`;
+  the deltas are the propagation runs' real ones with 5% noise),
   the replica SIGCONTed: time until it serves the head (each op applied and sha256-checked).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 import uuid
@@ -32,7 +34,6 @@ from bench.common import (
     pct,
     ratio,
     rotate,
-    synthetic_deltas,
 )
 
 NAME = "replicas"
@@ -89,6 +90,27 @@ async def _round(bases: list[str], prompts: list[str], clients: int, per_client:
         return time.perf_counter() - t0, latencies
 
 
+def _journal_deltas(journal, stack):
+    """Endless realistic deltas: the real ones the propagation runs journaled (the service's method on
+    this model), each replayed with 5% gaussian noise on both factors (same targets, ranks, sizes)."""
+    import torch
+
+    from editor_core.delta import EditDelta, LowRankUpdate
+
+    ids = [o["edit_id"] for o in journal.ops() if o["op"] == "edit"]
+    blobs = [b for b in journal.client.mget([journal.key("delta", i) for i in ids]) if b is not None]
+    real = [EditDelta.from_bytes(b, stack.fingerprint, stack.shapes) for b in blobs]
+    if not real:
+        raise RuntimeError("no journaled edit to base the appended ops on")
+    gen = torch.Generator().manual_seed(0)
+    for i in itertools.count():
+        base = real[i % len(real)]
+        ups = {name: LowRankUpdate(u.u + 0.05 * u.u.std() * torch.randn(u.u.shape, generator=gen),
+                                   u.v + 0.05 * u.v.std() * torch.randn(u.v.shape, generator=gen))
+               for name, u in base.updates.items()}
+        yield EditDelta(ups, stack.fingerprint, dict(base.meta, synthetic="true"))
+
+
 def _synthesize(ctx: BenchContext, prefix: str, fingerprint: str, n: int, apply_ms: list[float]) -> int:
     """Append ``n`` edit ops after the journal head through the real path; returns the new head."""
     from editor_core.delta import EditDelta
@@ -109,15 +131,15 @@ def _synthesize(ctx: BenchContext, prefix: str, fingerprint: str, n: int, apply_
     lock = WriterLock(ctx.client(), journal.lock_key, 60000)
     lock.acquire(wait_s=30)
     lock.start_heartbeat()
-    deltas = ctx.cache.setdefault("replicas:deltas", synthetic_deltas(ctx))
     try:
+        deltas = ctx.cache.get("replicas:deltas") or _journal_deltas(journal, stack)
+        ctx.cache["replicas:deltas"] = deltas
         plan = journal.replay_plan()
         stack.rebuild([(i, EditDelta.from_bytes(b, fingerprint, stack.shapes)) for i, b in plan.active])
         assert stack.sha256() == plan.head.sha256 or plan.head.sha256 is None
         version = plan.head.version
         for _ in range(n):
-            d = next(deltas)
-            delta = EditDelta(d.updates, fingerprint, d.meta)
+            delta = next(deltas)
             edit_id = uuid.uuid4().hex
             t0 = time.perf_counter()
             stack.apply(edit_id, delta)
