@@ -111,7 +111,8 @@ def _journal_deltas(journal, stack):
         yield EditDelta(ups, stack.fingerprint, dict(base.meta, synthetic="true"))
 
 
-def _synthesize(ctx: BenchContext, prefix: str, fingerprint: str, n: int, apply_ms: list[float]) -> int:
+def _synthesize(ctx: BenchContext, prefix: str, fingerprint: str, n: int, apply_ms: list[float],
+                sha_ms: list[float]) -> int:
     """Append ``n`` edit ops after the journal head through the real path; returns the new head."""
     from editor_core.delta import EditDelta
     from editor_core.stack import EditStack
@@ -144,9 +145,12 @@ def _synthesize(ctx: BenchContext, prefix: str, fingerprint: str, n: int, apply_
             t0 = time.perf_counter()
             stack.apply(edit_id, delta)
             apply_ms.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            sha = stack.sha256()
+            sha_ms.append((time.perf_counter() - t0) * 1000)
             blob = delta.to_bytes()
             version += 1
-            journal.append_edit(edit_record(edit_id, version, stack.sha256(), blob, delta, "bench", "x"), blob, lock)
+            journal.append_edit(edit_record(edit_id, version, sha, blob, delta, "bench", "x"), blob, lock)
     finally:
         stack.reset()
         lock.release()
@@ -183,6 +187,7 @@ def run(ctx: BenchContext) -> Figure:
     writer = ServeProcess(ctx, prefix, role="writer", **common)
     procs = [writer]
     apply_ms: list[float] = []
+    sha_ms: list[float] = []
     try:
         writer.wait_ready()
         replicas = [ServeProcess(ctx, prefix, role="replica", **common) for _ in range(2)]
@@ -232,7 +237,7 @@ def run(ctx: BenchContext) -> Figure:
         for n in s.rollback_counts[1:]:
             follower.proc.send_signal(signal.SIGSTOP)
             try:
-                head = _synthesize(ctx, prefix, fingerprint, n, apply_ms)
+                head = _synthesize(ctx, prefix, fingerprint, n, apply_ms, sha_ms)
             finally:
                 follower.proc.send_signal(signal.SIGCONT)
             t0 = time.perf_counter()
@@ -252,6 +257,8 @@ def run(ctx: BenchContext) -> Figure:
     apply_p50 = pct(apply_ms, 50)
     fig.rows.append({"measure": "EditStack.apply of one such delta (this process)", "n": len(apply_ms),
                      "p50_ms": round(apply_p50, 1), "p99_ms": round(pct(apply_ms, 99), 1)})
+    fig.rows.append({"measure": "sha256 of the targets, checked after every op (this process)", "n": len(sha_ms),
+                     "p50_ms": round(pct(sha_ms, 50), 1), "p99_ms": round(pct(sha_ms, 99), 1)})
     limit = apply_p50 + 100.0
     for n, v in samples.items():
         p99 = pct(v, 99)
