@@ -12,7 +12,7 @@ from editor_core import checkpoint
 from editor_core.batching import build_batch
 from editor_core.config import MendConfig
 from editor_core.delta import EditDelta, LowRankUpdate
-from editor_core.fingerprint import model_fingerprint
+from editor_core.fingerprint import model_fingerprint, weights_fingerprint
 from editor_core.grads import TokenFactors, capture_factors
 from editor_core.nets import MendNets
 from editor_core.requests import EditRequest
@@ -54,10 +54,13 @@ class MendEditor:
         ckpt = checkpoint.load(path)
         targets = _stack_targets(stack, ckpt.config)
         # the editor was trained on a stack of exactly its own targets; the service's stack may cover
-        # more (the locate-then-edit layers), so compare the fingerprint of the editor's targets
+        # more (the locate-then-edit layers), so compare the fingerprint of the editor's targets: the
+        # exact one, or the bf16-rounded one (the same checkpoint loaded in another dtype, e.g. bf16)
         trained_for = ckpt.info.get("model_fingerprint")
         mine = model_fingerprint(stack.model, targets)
-        if trained_for and trained_for != mine:
+        trained_weights = ckpt.info.get("weights_fingerprint")
+        if trained_for and trained_for != mine and not (
+                trained_weights and trained_weights == weights_fingerprint(stack.model, targets)):
             raise ValueError(
                 f"editor at {path} was trained for model {trained_for[:12]}..., "
                 f"this model is {mine[:12]}...; train an editor for it with `mend train`"

@@ -6,7 +6,8 @@ uses. ``k`` is the input of ``down_proj`` (``c_proj`` for GPT-2, ``fc_out`` for 
 
 A :class:`KeyStats` is one safetensors file: ``C.<layer>`` (d_in, d_in) per layer, uncentred second
 moment (mean over tokens, fp32 in memory; stored fp16 to keep the shipped file small), with the
-model fingerprint, the token count and a description of the corpus in the metadata.
+model fingerprint (exact, and bf16-rounded so a bf16 load of the same model accepts them), the token
+count and a description of the corpus in the metadata.
 """
 
 from __future__ import annotations
@@ -41,10 +42,19 @@ class KeyStats:
     corpus: str  # what text they came from
     fingerprint: str  # editor_core.fingerprint.model_fingerprint of the out-proj targets
     extra: dict = field(default_factory=dict)
+    weights_fingerprint: str = ""  # editor_core.fingerprint.weights_fingerprint of them ("" in older files)
 
     @property
     def layers(self) -> list[int]:
         return sorted(self.moments)
+
+    def fits(self, model: nn.Module) -> bool:
+        """Whether these statistics were made on ``model``'s weights: the exact fingerprint of its
+        out-projections, or the bf16-rounded one (the same checkpoint loaded in another dtype)."""
+        if self.fingerprint == stats_fingerprint(model, self.layers):
+            return True
+        return bool(self.weights_fingerprint) and self.weights_fingerprint == stats_weights_fingerprint(
+            model, self.layers)
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
         """Write as safetensors (``dtype`` storage) with JSON metadata."""
@@ -53,13 +63,20 @@ class KeyStats:
         tensors = {f"C.{layer}": c.to(dtype).contiguous() for layer, c in self.moments.items()}
         meta = {"tokens": str(self.tokens), "corpus": self.corpus, "fingerprint": self.fingerprint,
                 "extra": json.dumps(self.extra, sort_keys=True)}
+        if self.weights_fingerprint:
+            meta["weights_fingerprint"] = self.weights_fingerprint
         save_file(tensors, str(path), metadata=meta)
         path.chmod(0o644)  # safetensors writes 0600; a service running as another user must read it
         return path
 
     @classmethod
-    def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> KeyStats:
-        """Read a file written by :meth:`save`; refuse statistics of another model."""
+    def load(cls, path: str | Path, expected_fingerprint: str | None = None,
+             expected_weights_fingerprint: str | None = None) -> KeyStats:
+        """Read a file written by :meth:`save`; refuse statistics of another model.
+
+        With expectations given, the file must carry the expected exact fingerprint or the expected
+        bf16-rounded one (:func:`stats_fingerprint`, :func:`stats_weights_fingerprint`).
+        """
         path = Path(path)
         if not path.is_file():
             raise StatsError(f"no key statistics at {path}: compute them with `mend stats`")
@@ -67,13 +84,16 @@ class KeyStats:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
+        expected = {"fingerprint": expected_fingerprint, "weights_fingerprint": expected_weights_fingerprint}
+        expected = {k: v for k, v in expected.items() if v is not None}
+        if expected and not any(meta.get(k) == v for k, v in expected.items()):
+            mine = expected.get("fingerprint") or expected["weights_fingerprint"]
             raise StatsError(f"key statistics at {path} were computed for another model "
-                             f"({meta.get('fingerprint', '?')[:12]}..., this one is {expected_fingerprint[:12]}...)")
+                             f"({meta.get('fingerprint', '?')[:12]}..., this one is {mine[:12]}...)")
         tensors = load_file(str(path))
         moments = {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items() if k.startswith("C.")}
         return cls(moments, int(meta.get("tokens", 0)), meta.get("corpus", ""), meta.get("fingerprint", ""),
-                   json.loads(meta.get("extra", "{}")))
+                   json.loads(meta.get("extra", "{}")), meta.get("weights_fingerprint", ""))
 
 
 def find_stats_dir(model_spec: str, explicit: str | Path | None = None) -> Path | None:
@@ -93,6 +113,13 @@ def stats_fingerprint(model: nn.Module, layers: list[int]) -> str:
     from editor_core.fingerprint import model_fingerprint
 
     return model_fingerprint(model, out_proj_targets(model, layers))
+
+
+def stats_weights_fingerprint(model: nn.Module, layers: list[int]) -> str:
+    """The dtype-insensitive (bf16-rounded) fingerprint of the same weights as :func:`stats_fingerprint`."""
+    from editor_core.fingerprint import weights_fingerprint
+
+    return weights_fingerprint(model, out_proj_targets(model, layers))
 
 
 class _Stop(Exception):
@@ -157,7 +184,8 @@ def collect_key_stats(
     if seen == 0:
         raise StatsError("no tokens to compute statistics from")
     moments = {b: (s / seen).float() for b, s in sums.items()}
-    return KeyStats(moments, seen, corpus, stats_fingerprint(model, layers))
+    return KeyStats(moments, seen, corpus, stats_fingerprint(model, layers),
+                    weights_fingerprint=stats_weights_fingerprint(model, layers))
 
 
 def null_space_basis(moment: torch.Tensor, n_null: int) -> torch.Tensor:

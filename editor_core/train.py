@@ -40,6 +40,7 @@ from editor_core.batching import (
 from editor_core.config import MendConfig
 from editor_core.data import EditRecord, load_records, split_records
 from editor_core.editor import MendEditor
+from editor_core.fingerprint import weights_fingerprint
 from editor_core.functional_edit import added_updates
 from editor_core.grads import capture_factors
 from editor_core.stack import EditStack
@@ -103,6 +104,7 @@ class EditorTrainer:
         targets = resolve_targets(self.model, cfg.mend.targets or None, cfg.mend.last_blocks, cfg.mend.blocks)
         cfg.mend.targets = [t.name for t in targets]
         self.stack = EditStack(self.model, targets)  # only for the fingerprint; never applied to
+        self.weights_fingerprint = weights_fingerprint(self.model, targets)  # dtype-insensitive one
         self.editor = MendEditor.untrained(self.stack, cfg.mend)
         if start is not None:
             self.editor.nets.load_state_dict(start.state)
@@ -316,6 +318,7 @@ def _save(out: Path, cfg: TrainConfig, trainer: EditorTrainer, summary: dict) ->
         "editor_id": f"mend-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}",
         "model": cfg.model,
         "model_fingerprint": trainer.stack.fingerprint,
+        "weights_fingerprint": trainer.weights_fingerprint,
         "training": {"config": {k: v for k, v in asdict(cfg).items() if k != "mend"}, **summary},
     }
     checkpoint.save(out, cfg.mend, trainer.state(), info)

@@ -36,6 +36,7 @@ def build_dry_world(root: Path, n_records: int) -> tuple[str, str, str, list[Edi
     from editor_core import checkpoint
     from editor_core.config import MendConfig
     from editor_core.editor import MendEditor
+    from editor_core.fingerprint import weights_fingerprint
     from editor_core.methods.locate import LocateConfig
     from editor_core.methods.values import ValueConfig
     from editor_core.stack import EditStack
@@ -67,5 +68,6 @@ def build_dry_world(root: Path, n_records: int) -> tuple[str, str, str, list[Edi
     stack = EditStack(model, resolve_targets(model, mend_cfg.targets))
     editor = MendEditor.untrained(stack, mend_cfg)
     checkpoint.save(editor_dir, mend_cfg, editor.nets.state_dict(),
-                    {"editor_id": "dry-untrained", "model": str(model_dir), "model_fingerprint": stack.fingerprint})
+                    {"editor_id": "dry-untrained", "model": str(model_dir), "model_fingerprint": stack.fingerprint,
+                     "weights_fingerprint": weights_fingerprint(model, list(stack.targets.values()))})
     return str(model_dir), str(editor_dir), str(stats_dir), records

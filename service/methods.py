@@ -43,7 +43,6 @@ def service_stack_targets(model, settings: Settings) -> list[Target]:
 def locate_editors(stack, settings: Settings) -> dict[str, Any]:
     """{method: LocateEditor, or why it is unavailable} for rome, memit and alphaedit."""
     from editor_core.methods.locate import LocateConfig, LocateEditor
-    from editor_core.stats import stats_fingerprint
 
     d = stats_dir(settings)
     if d is None:
@@ -53,7 +52,7 @@ def locate_editors(stack, settings: Settings) -> dict[str, Any]:
     config = LocateConfig.load(d)
     try:
         stats = KeyStats.load(d / STATS_FILE)
-        if stats.fingerprint != stats_fingerprint(stack.model, stats.layers):
+        if not stats.fits(stack.model):
             raise StatsError(f"the key statistics at {d} were computed for another model; run `mend stats` "
                              "for this one")
     except (StatsError, ValueError) as err:

@@ -56,6 +56,10 @@ def test_train_writes_a_loadable_checkpoint_history_and_plot(tiny_gpt2, tiny_tok
     assert saved["mend"]["factor_tokens"] == "subject" and saved["training"]["step"] in (3, 6)
     editor = MendEditor.load(out, trainer_stack(tiny_gpt2, saved["mend"]["targets"]))
     assert editor.config.rank == 8
+    # the bf16-rounded fingerprint beside the exact one: the same model loaded in bf16 accepts the editor
+    bf16 = tiny_gpt2.to(torch.bfloat16)
+    assert saved["weights_fingerprint"] and saved["model_fingerprint"] == editor.fingerprint
+    assert MendEditor.load(out, trainer_stack(bf16, saved["mend"]["targets"])).config.rank == 8
 
 
 def trainer_stack(model, names):
