@@ -97,3 +97,30 @@ def test_applied_context_restores_weights(tiny_model):
     with stack.applied(random_delta(stack)):
         assert stack.sha256() != base
     assert stack.sha256() == base
+
+
+def test_chunked_sum_is_one_canonical_form_across_chunk_boundaries(tiny_model):
+    """Enough deltas to fill several CHUNK_RANK chunks: apply one by one, revert from the middle and from
+    the first chunk, and rebuild must agree bit for bit, and reverting everything gives the base."""
+    from editor_core.stack import CHUNK_RANK
+
+    stack = EditStack(tiny_model, resolve_targets(tiny_model))
+    base = stack.sha256()
+    ranks = [1, 5, 3, 7, 2, 9, 4, 6, 8, 1, 3, 5, 2, 7, 4, 6, 9, 8, 2, 3] * 2
+    assert sum(ranks) > 2 * CHUNK_RANK  # at least three chunks
+    deltas = {f"e{i}": random_delta(stack, rank=r, seed=100 + i) for i, r in enumerate(ranks)}
+    for i, d in deltas.items():
+        stack.apply(i, d)
+    stack.revert("e11")  # a middle chunk
+    stack.revert("e0")  # the first chunk: every later chunk shifts
+    live = stack.sha256()
+    remaining = [(i, d) for i, d in deltas.items() if i not in ("e0", "e11")]
+    stack.rebuild(remaining)
+    assert stack.sha256() == live
+    stack.apply("late", random_delta(stack, rank=60, seed=7))  # overflows the open chunk: a new one opens
+    after_apply = stack.sha256()
+    stack.rebuild([*remaining, ("late", stack.delta_of("late"))])
+    assert stack.sha256() == after_apply
+    for i in list(stack.active_ids):
+        stack.revert(i)
+    assert stack.sha256() == base
