@@ -11,10 +11,15 @@ set of *locality texts*. An :class:`EditRequest` carries no locality prompts, so
 the config: by default :data:`DEFAULT_KL_PROMPTS`, a fixed set of short, neutral, fact-shaped
 sentences about unrelated entities (any list can be configured, e.g. same-relation neighbours).
 
-The result is returned as exact factors: the offset's identity factorisation on its smaller side
-(``u = I, v = D`` or ``u = D^T, v = I``), so ``u^T v == D`` exactly. Adam's element-wise steps make
-``D`` full rank, so a truncated SVD would not be smaller; the price is a rank ``min(d_out, d_in)``
-delta (about 1.4x the dense matrix for SmolLM2's MLP). Targets whose offset stays zero are omitted.
+The result is low rank: each target's offset is cut to its best rank-``FTConfig.rank`` approximation
+(truncated SVD, ``u = (U_r S_r)^T, v = V_r^T``), and that truncated offset is the delta that is
+returned, applied and journaled, so the journal holds exactly what was applied. Adam's element-wise
+steps make ``D`` full rank, so the cut can lose the edit: when the truncated offsets no longer make
+every target top-1, the optimisation continues from them and cuts again, at most
+``FTConfig.refine_rounds`` times. Rank 16 makes an FT entry on SmolLM2's 9 MLP targets about 1 MB
+instead of about 44 MB. ``rank=None`` keeps the exact offset as its identity factorisation on the
+smaller side (``u = I, v = D`` or ``u = D^T, v = I``; about 1.4x the dense matrix). Targets whose
+offset stays zero are omitted.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class FTConfig:
     max_len: int = 128  # token cap of an edit prompt + target
     stop_at_top1: bool = True  # False: always run max_steps (ROME-style fixed-step FT)
     targets: tuple[str, ...] = ()  # names of the stack targets to fine-tune; empty = all of them
+    rank: int | None = 16  # truncated-SVD rank of each offset in the delta; None = exact (dense-sized)
+    refine_rounds: int = 2  # continue-and-cut rounds when the cut offsets are no longer top-1
 
 
 @dataclass
@@ -77,6 +84,15 @@ def identity_factors(dense: torch.Tensor) -> LowRankUpdate:
     if d_out <= d_in:
         return LowRankUpdate(u=eye, v=dense.clone())  # (d_out, d_out), (d_out, d_in)
     return LowRankUpdate(u=dense.t().contiguous(), v=eye)  # (d_in, d_out), (d_in, d_in)
+
+
+def truncated_factors(dense: torch.Tensor, rank: int) -> LowRankUpdate:
+    """Best rank-``rank`` factors of ``dense`` (d_out, d_in) by SVD: ``u^T v`` is the truncated matrix."""
+    u_full, s, vh = torch.linalg.svd(dense.double(), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    r = min(rank, int(s.shape[0]))
+    u = (u_full[:, :r] * s[:r]).t().to(dense.dtype).contiguous()  # (r, d_out)
+    v = vh[:r].to(dense.dtype).contiguous()  # (r, d_in)
+    return LowRankUpdate(u=u, v=v)
 
 
 def _prompt_batch(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +126,8 @@ class FTEditor:
             raise ValueError("FTConfig needs lr > 0 and max_steps >= 0")
         if self.config.kl_weight > 0 and not self.config.kl_prompts:
             raise ValueError("FT+KL needs at least one locality prompt (FTConfig.kl_prompts)")
+        if self.config.rank is not None and self.config.rank < 1:
+            raise ValueError("FTConfig.rank must be >= 1 (or None for exact offsets)")
 
     @property
     def method(self) -> str:
@@ -125,8 +143,12 @@ class FTEditor:
             params[f"{name}.weight"] = (w.detach().float() + dd).to(w.dtype)
         return functional_call(model, params, (), {"input_ids": ids, "attention_mask": mask}).logits
 
-    def optimise(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> FTResult:
-        """Run the optimisation and return the dense offsets (the model is left unchanged)."""
+    def optimise(self, model: nn.Module, tokenizer, requests: list[EditRequest],
+                 init: dict[str, torch.Tensor] | None = None, max_steps: int | None = None) -> FTResult:
+        """Run the optimisation and return the dense offsets (the model is left unchanged).
+
+        ``init``: offsets to start from (target name -> (d_out, d_in)); zeros where absent.
+        ``max_steps``: step cap of this call (default ``config.max_steps``; 0 only checks top-1)."""
         if not requests:
             raise ValueError("no edit requests")
         cfg = self.config
@@ -135,8 +157,10 @@ class FTEditor:
             log.warning("model is in training mode: dropout makes FT noisy (call model.eval())")
         batch = build_batch(tokenizer, [r.prompt for r in requests], [r.target for r in requests], cfg.max_len)
         batch = batch.to(device)
+        init = init or {}
         offsets = {
-            n: torch.zeros(t.shape, dtype=torch.float32, device=device, requires_grad=True)  # (d_out, d_in)
+            n: (init[n].detach().float().clone().to(device) if n in init
+                else torch.zeros(t.shape, dtype=torch.float32, device=device)).requires_grad_(True)  # (d_out, d_in)
             for n, t in self.targets.items()
         }
         opt = torch.optim.Adam(list(offsets.values()), lr=cfg.lr)
@@ -147,12 +171,13 @@ class FTEditor:
                 pre = model(input_ids=kl_ids, attention_mask=kl_mask).logits  # (K, T, V)
                 pre_logp = torch.log_softmax(pre.float(), dim=-1)  # (K, T, V)
         steps, converged, nll_val, kl_val = 0, False, float("nan"), 0.0
-        for step in range(cfg.max_steps + 1):
+        cap = cfg.max_steps if max_steps is None else max_steps
+        for step in range(cap + 1):
             logits = self._forward(model, offsets, batch.input_ids, batch.attention_mask)  # (B, T, V)
             nll = mean_target_nll(logits, batch)
             nll_val = float(nll.detach())
             converged = all_top1(logits, batch.labels)
-            if (converged and cfg.stop_at_top1) or step == cfg.max_steps:
+            if (converged and cfg.stop_at_top1) or step == cap:
                 break
             loss = nll
             if use_kl:
@@ -172,20 +197,51 @@ class FTEditor:
         dense = {n: d.detach() for n, d in offsets.items()}
         return FTResult(dense, steps, converged, nll_val, kl_val)
 
+    def _truncate(self, offsets: dict[str, torch.Tensor]) -> dict[str, LowRankUpdate]:
+        """Rank-``config.rank`` factors of every non-zero offset (exact identity factors when rank is None)."""
+        rank = self.config.rank
+        return {n: identity_factors(d) if rank is None else truncated_factors(d, rank)
+                for n, d in offsets.items() if bool(d.any())}
+
     def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
-        """Fine-tune offsets for ``requests`` and return them as exact factors (pure: no mutation)."""
+        """Fine-tune offsets for ``requests`` and return them as rank-``config.rank`` factors (pure: no
+        mutation). The returned factors are the offsets that were checked, to be applied as they are."""
+        cfg = self.config
         res = self.optimise(model, tokenizer, requests)
-        updates = {n: identity_factors(d) for n, d in res.offsets.items() if bool(d.any())}
+        steps, rounds = res.steps, 0
+        updates = self._truncate(res.offsets)
+        kept = _kept_norm(res.offsets, updates)
+        converged = res.converged
+        if cfg.rank is not None and updates:
+            last = cfg.refine_rounds if cfg.stop_at_top1 else 0  # fixed-step FT: cut once, only check it
+            for r in range(last + 1):
+                cut = {n: u.dense() for n, u in updates.items()}  # what would be applied
+                # the cut's top-1 check; while rounds remain, the same call goes on optimising from it
+                check = self.optimise(model, tokenizer, requests, init=cut, max_steps=cfg.max_steps if r < last else 0)
+                converged = check.steps == 0 and check.converged
+                if converged or r == last:
+                    break
+                rounds, steps = r + 1, steps + check.steps
+                updates = self._truncate(check.offsets)
+                kept = _kept_norm(check.offsets, updates)
         meta = {
             "method": self.method,
-            "steps": str(res.steps),
-            "converged": str(res.converged).lower(),
+            "steps": str(steps),
+            "converged": str(converged).lower(),
             "edit_nll": f"{res.edit_nll:.6g}",
             "n_requests": str(len(requests)),
         }
+        if cfg.rank is not None:
+            meta.update({"rank": str(cfg.rank), "refine_rounds": str(rounds), "kept_norm": f"{kept:.4g}"})
         if self.config.kl_weight > 0:
             meta["kl"] = f"{res.kl:.6g}"
         return EditDelta(updates, self.fingerprint, meta)
+
+
+def _kept_norm(dense: dict[str, torch.Tensor], updates: dict[str, LowRankUpdate]) -> float:
+    """Smallest ||cut|| / ||offset|| (Frobenius) over the targets: how much of each offset the cut kept."""
+    shares = [float(updates[n].dense().norm()) / max(float(d.norm()), 1e-30) for n, d in dense.items() if n in updates]
+    return min(shares, default=1.0)
 
 
 class FTKLEditor(FTEditor):

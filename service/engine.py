@@ -70,7 +70,7 @@ class EditEngine:
                  journal: Journal, lock: WriterLock, metrics: Metrics, unavailable: dict[str, str],
                  max_update_ratio: float | None = None, canaries: CanarySet | None = None,
                  canary_max_changed: float = 0.05, canary_max_logprob_drop: float = 0.25,
-                 default_method: str | None = None):
+                 default_method: str | None = None, max_delta_bytes: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.stack = stack
@@ -81,6 +81,7 @@ class EditEngine:
         self.metrics = metrics
         self.max_update_ratio = max_update_ratio
         self.default_method = default_method  # used by an /edit that names no method
+        self.max_delta_bytes = max_delta_bytes  # largest serialized delta (journal entry) /edit accepts
         # baseline answers of the canary prompts on the UNEDITED model (taken before replay); every
         # candidate edit is checked against them, so drift that adds up over many edits is caught too
         self.canaries = canaries
@@ -174,6 +175,7 @@ class EditEngine:
             raise EditRejectedError(f"{err}; nothing was applied or journaled", method=method) from err
         self._check_magnitude(delta)
         blob = delta.to_bytes()
+        self._check_size(blob, method)
         edit_id = uuid.uuid4().hex
         version = self.version + 1
         try:
@@ -329,6 +331,15 @@ class EditEngine:
                     f"the edit's update of {name!r} has norm {ratio:.3g} times the weight's "
                     f"(max_update_ratio={self.max_update_ratio:g}): refused as exploding, nothing was applied "
                     "or journaled", target=name, ratio=ratio)
+
+    def _check_size(self, blob: bytes, method: str) -> None:
+        """Refuse a delta whose serialized size (its journal entry) is above ``max_delta_bytes``."""
+        if self.max_delta_bytes is None or len(blob) <= self.max_delta_bytes:
+            return
+        raise EditRejectedError(
+            f"the edit's delta serializes to {len(blob):,} bytes, above max_delta_bytes={self.max_delta_bytes:,} "
+            "(MEND_MAX_DELTA_BYTES): refused, nothing was applied or journaled", method=method,
+            delta_bytes=len(blob), max_delta_bytes=self.max_delta_bytes)
 
     def _check_canaries(self) -> dict | None:
         """With the candidate applied: refuse if the canary prompts drift too far from the unedited model."""

@@ -101,7 +101,13 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a replica behind the head (or out of touch with Redis) for longer than this says "
                                 "503 on /health/ready")
 
-    @field_validator("redis_url", "editor_dir", "stats_dir", "model_cache", "torch_threads", "advertise_url", mode="before")
+    # --- journal entry size ---------------------------------------------------------------------
+    max_delta_bytes: int | None = Field(
+        8_000_000, ge=1, description="refuse (422) an edit whose delta serializes to more than this many bytes "
+                                     "(one journal entry); empty = no bound")
+
+    @field_validator("redis_url", "editor_dir", "stats_dir", "model_cache", "torch_threads", "advertise_url",
+                     "max_delta_bytes", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v

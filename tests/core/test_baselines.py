@@ -8,6 +8,7 @@ from editor_core.baselines import (
     _prompt_batch,
     identity_factors,
     make_baseline,
+    truncated_factors,
 )
 from editor_core.batching import kl_pre_post
 from editor_core.requests import EditRequest
@@ -50,7 +51,7 @@ def test_ft_makes_target_top1_without_touching_the_model(tiny_model, tiny_tokeni
 
 def test_factors_exactly_reproduce_the_optimised_offsets(tiny_model, tiny_tokenizer, facts):
     stack = EditStack(tiny_model, resolve_targets(tiny_model))
-    editor = FTEditor(stack, FTConfig(lr=1e-2, max_steps=3, stop_at_top1=False))
+    editor = FTEditor(stack, FTConfig(lr=1e-2, max_steps=3, stop_at_top1=False, rank=None))
     res = editor.optimise(tiny_model, tiny_tokenizer, [req(facts[1])])
     delta = editor.compute_delta(tiny_model, tiny_tokenizer, [req(facts[1])])  # deterministic re-run
     assert res.steps == 3 and delta.meta["steps"] == "3"
@@ -126,6 +127,34 @@ def test_already_known_fact_needs_no_step(tiny_llama, tiny_tokenizer):
     assert delta.meta["steps"] == "0" and delta.updates == {}
 
 
+def test_truncated_factors_are_the_best_rank_r_approximation():
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(12, 7, generator=g)
+    f = truncated_factors(d, 3)
+    assert f.rank == 3 and f.u.shape == (3, 12) and f.v.shape == (3, 7)
+    u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+    best = (u[:, :3] * s[:3]) @ vh[:3]
+    assert torch.allclose(f.dense().double(), best, atol=1e-5)
+    assert truncated_factors(d, 50).rank == 7  # capped at min(d_out, d_in)
+    assert torch.allclose(truncated_factors(d, 50).dense(), d, atol=1e-5)
+
+
+def test_low_rank_delta_is_what_was_checked_and_still_makes_the_target_top1(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    cfg = FTConfig(lr=1e-2, max_steps=40, rank=2)
+    editor = FTEditor(stack, cfg)
+    dense = editor.optimise(tiny_llama, tiny_tokenizer, [req(facts[2])]).offsets
+    delta = editor.compute_delta(tiny_llama, tiny_tokenizer, [req(facts[2])])
+    assert delta.updates and all(u.rank <= 2 for u in delta.updates.values())
+    assert delta.meta["rank"] == "2" and 0 < float(delta.meta["kept_norm"]) <= 1.0
+    exact = sum(d.numel() for d in dense.values()) * 4
+    assert len(delta.to_bytes()) < exact / 4  # far smaller than the dense offsets
+    with stack.applied(delta):
+        after = score_targets(tiny_llama, tiny_tokenizer, [facts[2]["prompt"]], [facts[2]["target_new"]])[0]
+    assert (after.token_acc == 1.0) == (delta.meta["converged"] == "true")
+    assert delta.meta["converged"] == "true"
+
+
 def test_factory_and_config_errors(tiny_llama):
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     assert make_baseline("ft", stack).method == "ft"
@@ -134,5 +163,7 @@ def test_factory_and_config_errors(tiny_llama):
         make_baseline("rome", stack)
     with pytest.raises(ValueError):
         FTKLEditor(stack, FTConfig(kl_weight=0.0))
+    with pytest.raises(ValueError):
+        FTEditor(stack, FTConfig(rank=0))
     with pytest.raises(ValueError):
         FTEditor(stack).compute_delta(tiny_llama, None, [])
