@@ -26,6 +26,7 @@ FIGURES: dict[str, str] = {
     "training_step": "bench.training_step",
     "memory": "bench.memory",
     "replicas": "bench.replicas",
+    "corrections": "bench.corrections",
 }
 
 
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown report to write")
     p.add_argument("--model", default="smollm2-135m", help="model alias, local dir or GGUF file")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="EasyEdit CounterFact file (records to edit)")
+    p.add_argument("--corrections", type=int, default=None, metavar="N",
+                   help="corrections posted by the corrections figure (default 1000; 12 with --quick)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads in the benchmark and the served processes (default 1, see BENCHMARKS.md)")
 
 
@@ -130,15 +133,18 @@ def run(args: argparse.Namespace) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     command = "mend bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "mend bench"
     ctx = BenchContext(model=args.model, data=args.data, quick=args.quick, torch_threads=args.torch_threads)
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    ctx.cache["report_dir"] = out.parent  # where figures that draw a plot save it
+    if getattr(args, "corrections", None):
+        ctx.cache["corrections"] = args.corrections
     try:
         info = machine_info()
         figures = run_figures(ctx, names)
         info["loadavg_at_end"] = machine_info()["loadavg_1_5_15"]
     finally:
         ctx.close()
-    out = Path(args.out)
-    if not out.is_absolute():
-        out = Path.cwd() / out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(figures, info, command, started, args.quick))
     log.info("wrote %s", out)
