@@ -254,6 +254,7 @@ class _Edits:
 
 def measure(cfg: RunConfig) -> dict[str, Any]:
     """Run the whole scenario; return every figure and the per-edit timeline (JSON-able)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
     facts = load_facts(cfg.data, cfg.n)
     if not facts:
         raise RuntimeError(f"no usable records in {cfg.data}")
@@ -500,10 +501,11 @@ def run(ctx) -> Figure:
                     torch_threads=ctx.torch_threads, method=ctx.cache.get("corrections_method"),
                     canary_guard=ctx.cache.get("corrections_canary_guard", True))
     res = measure(cfg)
+    out_dir = Path(ctx.cache.get("report_dir") or ctx.workdir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "corrections.json").write_text(json.dumps(res, indent=1, default=str))
+    path = plot(res, out_dir / PLOT_NAME)
     fp32 = sum(p.numel() for p in ctx.lm().model.parameters()) * 4
     fig = to_figure(res, fp32)
-    out_dir = Path(ctx.cache.get("report_dir") or ctx.workdir)
-    path = plot(res, out_dir / PLOT_NAME)
-    (out_dir / "corrections.json").write_text(json.dumps(res, indent=1, default=str))
     fig.notes.append(f"plot: {path.name} (beside this report); per-edit data: corrections.json")
     return fig
