@@ -5,8 +5,15 @@ and its mean token log-prob. :meth:`CanarySet.check` scores the model as it is n
 teacher-forced forward pass: how many canaries would no longer decode the same tokens, and how much
 log-probability their baseline answers lost on average. A canary counts as *changed* when its greedy
 answer differs and its baseline answer lost more than a margin (a flip between near-tied tokens is
-reported as ``flipped`` but is not damage). The service refuses a candidate edit whose
-figures pass its thresholds, before anything is journaled; ``mend eval`` reports the same figures.
+reported as ``flipped`` but is not damage). ``mend eval`` reports these figures.
+
+The service's guard asks two questions of a candidate edit. What did *this edit* do: given the
+canaries' state just before it (:meth:`CanarySet.measure`), how many canaries does it newly change
+and how much log-prob does it take from their answers (``new_changed``, ``step_logprob_drop``)?
+A collapsing edit fails this at once, whatever came before. And where is the model now against the
+unedited one (``changed``, ``logprob_drop``), so slow drift over many edits has a ceiling. A guard
+on the cumulative figures alone would refuse every edit, good or bad, once many good ones had
+drifted a few canaries (measured: 12 of 64 after 100 stacked AlphaEdit corrections).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ class CanaryReport:
     flipped: int  # canaries whose greedy answer differs at all (near ties included)
     logprob_drop: float  # mean over canaries of (baseline - now) mean token log-prob of the baseline answer
     changed_prompts: tuple[str, ...]
+    new_changed: int = 0  # changed now but not in the ``before`` state (0 without one)
+    step_logprob_drop: float = 0.0  # mean over canaries of (before - now) log-prob of the baseline answer
 
     @property
     def changed_share(self) -> float:
@@ -41,7 +50,16 @@ class CanaryReport:
     def to_dict(self) -> dict:
         return {"canaries": self.n, "changed": self.changed, "changed_share": round(self.changed_share, 4),
                 "flipped": self.flipped,
-                "logprob_drop": round(self.logprob_drop, 4), "changed_prompts": list(self.changed_prompts[:8])}
+                "logprob_drop": round(self.logprob_drop, 4), "changed_prompts": list(self.changed_prompts[:8]),
+                "new_changed": self.new_changed, "step_logprob_drop": round(self.step_logprob_drop, 4)}
+
+
+@dataclass(frozen=True)
+class CanaryState:
+    """How one model state answers the canaries (the input of :meth:`CanarySet.check`)."""
+
+    same: torch.Tensor  # (n,) bool: greedy answer is the baseline's
+    logprob: torch.Tensor  # (n,) mean token log-prob of the baseline answer
 
 
 def load_canary_prompts(path: str | Path | None = None) -> list[str]:
@@ -84,11 +102,24 @@ class CanarySet:
             mean_lp.append(float(logp[i, pos, tgt].mean()))
         return torch.tensor(same), torch.tensor(mean_lp)
 
-    def check(self, model: nn.Module) -> CanaryReport:
-        """Compare the model as it is now with the baseline."""
-        same, lp = self._logprobs(model)
-        drop = self.baseline - lp  # (n,)
-        flipped = ~same
-        changed = [p for p, f, d in zip(self.prompts, flipped.tolist(), drop.tolist(), strict=True)
-                   if f and d > self.tie_margin]
-        return CanaryReport(len(self.prompts), len(changed), int(flipped.sum()), float(drop.mean()), tuple(changed))
+    def measure(self, model: nn.Module) -> CanaryState:
+        """The canaries' answers under the model as it is now (one batched forward pass)."""
+        return CanaryState(*self._logprobs(model))
+
+    def changed_mask(self, state: CanaryState) -> torch.Tensor:
+        """(n,) bool: canaries whose answer changed against the baseline (flip AND drop > tie margin)."""
+        return ~state.same & ((self.baseline - state.logprob) > self.tie_margin)
+
+    def check(self, model: nn.Module, before: CanaryState | None = None,
+              now: CanaryState | None = None) -> CanaryReport:
+        """Compare the model as it is now (or the state ``now``) with the baseline, and with ``before``."""
+        now = now if now is not None else self.measure(model)
+        drop = self.baseline - now.logprob  # (n,)
+        mask = self.changed_mask(now)
+        changed = tuple(p for p, c in zip(self.prompts, mask.tolist(), strict=True) if c)
+        new, step = 0, 0.0
+        if before is not None:
+            new = int((mask & ~self.changed_mask(before)).sum())
+            step = float((before.logprob - now.logprob).mean())
+        return CanaryReport(len(self.prompts), len(changed), int((~now.same).sum()), float(drop.mean()), changed,
+                            new, step)

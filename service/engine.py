@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from torch import nn
 
-from editor_core.canary import CanarySet
+from editor_core.canary import CanarySet, CanaryState
 from editor_core.delta import EditDelta
 from editor_core.methods.values import SubjectError
 from editor_core.protocol import Editor
@@ -70,6 +70,7 @@ class EditEngine:
                  journal: Journal, lock: WriterLock, metrics: Metrics, unavailable: dict[str, str],
                  max_update_ratio: float | None = None, canaries: CanarySet | None = None,
                  canary_max_changed: float = 0.05, canary_max_logprob_drop: float = 0.25,
+                 canary_max_changed_total: float = 0.5,
                  default_method: str | None = None, max_delta_bytes: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -83,10 +84,12 @@ class EditEngine:
         self.default_method = default_method  # used by an /edit that names no method
         self.max_delta_bytes = max_delta_bytes  # largest serialized delta (journal entry) /edit accepts
         # baseline answers of the canary prompts on the UNEDITED model (taken before replay); every
-        # candidate edit is checked against them, so drift that adds up over many edits is caught too
+        # candidate edit is checked against the state just before it and, for a ceiling, against them
         self.canaries = canaries
         self.canary_max_changed = canary_max_changed
         self.canary_max_logprob_drop = canary_max_logprob_drop
+        self.canary_max_changed_total = canary_max_changed_total
+        self._canaries_at: tuple[str, CanaryState] | None = None  # (targets' sha256, canary state there)
         self.version = 0
         self.sha256: str | None = None  # targets' sha256 at ``version`` (None until replayed)
         self._unsure: _Unsure | None = None
@@ -178,6 +181,7 @@ class EditEngine:
         self._check_size(blob, method)
         edit_id = uuid.uuid4().hex
         version = self.version + 1
+        canaries_before = self._canary_state()
         try:
             self.stack.apply(edit_id, delta)
         except NonFiniteEditError as err:
@@ -189,7 +193,7 @@ class EditEngine:
                 raise EditRejectedError(
                     f"the edited model scores the targets of {broken!r} as non-finite (the update explodes "
                     "the activations); the edit was refused, nothing was applied or journaled")
-            canary = self._check_canaries()
+            canary, canaries_now = self._check_canaries(canaries_before)
             results = [
                 {"prompt": r.prompt, "target": r.target,
                  "p_target_before": target_probability(b), "p_target_after": target_probability(a),
@@ -217,6 +221,8 @@ class EditEngine:
             self.stack.revert(edit_id)
             raise
         self.sha256 = record["sha256"]
+        if canaries_now is not None:
+            self._canaries_at = (self.sha256, canaries_now)
         self._set_version(version)
         self.metrics.edits_applied.labels(method=method).inc()
         self.metrics.edit_seconds.observe(latency_ms / 1000.0)
@@ -341,21 +347,42 @@ class EditEngine:
             "(MEND_MAX_DELTA_BYTES): refused, nothing was applied or journaled", method=method,
             delta_bytes=len(blob), max_delta_bytes=self.max_delta_bytes)
 
-    def _check_canaries(self) -> dict | None:
-        """With the candidate applied: refuse if the canary prompts drift too far from the unedited model."""
+    def _canary_state(self) -> CanaryState | None:
+        """The canaries' answers under the current weights: cached per targets' sha256 (an edit leaves
+        its post-edit state behind; after a rollback or replay one forward pass measures it again)."""
         if self.canaries is None:
             return None
+        sha = self.sha256 or self.stack.sha256()
+        if self._canaries_at is None or self._canaries_at[0] != sha:
+            self._canaries_at = (sha, self.canaries.measure(self.model))
+        return self._canaries_at[1]
+
+    def _check_canaries(self, before: CanaryState | None) -> tuple[dict | None, CanaryState | None]:
+        """With the candidate applied: refuse it if it newly changes more than ``canary_max_changed`` of the
+        canaries or takes more than ``canary_max_logprob_drop`` from their answers (against the state just
+        before it), or if the model would then differ from the unedited one on more than
+        ``canary_max_changed_total`` of them (the ceiling on drift that adds up)."""
+        if self.canaries is None:
+            return None, None
         started = time.perf_counter()
-        report = self.canaries.check(self.model)
+        now = self.canaries.measure(self.model)
+        report = self.canaries.check(self.model, before=before, now=now)
         figures = {**report.to_dict(), "check_ms": round((time.perf_counter() - started) * 1000.0, 1)}
-        self.metrics.canary_changed.set(report.changed)
-        if report.changed_share > self.canary_max_changed or report.logprob_drop > self.canary_max_logprob_drop:
+        n = max(report.n, 1)
+        if report.new_changed / n > self.canary_max_changed or report.step_logprob_drop > self.canary_max_logprob_drop:
             raise EditRejectedError(
-                f"with this edit applied, {report.changed} of {report.n} canary prompts unrelated to it answer "
-                f"differently from the unedited model (max share {self.canary_max_changed:g}) and their answers "
-                f"lost {report.logprob_drop:.3f} nats/token (max {self.canary_max_logprob_drop:g}): refused, "
+                f"this edit changes the answers of {report.new_changed} of {report.n} canary prompts unrelated to "
+                f"it (max share {self.canary_max_changed:g}) and takes {report.step_logprob_drop:.3f} nats/token "
+                f"from their answers (max {self.canary_max_logprob_drop:g}): refused, nothing was applied or "
+                "journaled", canary=figures)
+        if report.changed_share > self.canary_max_changed_total:
+            raise EditRejectedError(
+                f"with this edit applied, {report.changed} of {report.n} canary prompts would answer differently "
+                f"from the unedited model, above the ceiling canary_max_changed_total="
+                f"{self.canary_max_changed_total:g} (edits so far have drifted them; roll some back): refused, "
                 "nothing was applied or journaled", canary=figures)
-        return figures
+        self.metrics.canary_changed.set(report.changed)
+        return figures, now
 
     def _set_version(self, version: int) -> None:
         self.version = version

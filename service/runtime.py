@@ -206,6 +206,7 @@ class Runtime:
                                      self.metrics, unavailable, max_update_ratio=s.max_update_ratio,
                                      canaries=canaries, canary_max_changed=s.canary_max_changed,
                                      canary_max_logprob_drop=s.canary_max_logprob_drop,
+                                     canary_max_changed_total=s.canary_max_changed_total,
                                      default_method=effective_default_method(s, sorted(editors)),
                                      max_delta_bytes=s.max_delta_bytes)
             self._phase("replaying")

@@ -79,11 +79,15 @@ class Settings(BaseSettings):
     canary_guard: bool = Field(True, description="score the canary prompts with every candidate edit applied "
                                                  "and refuse edits that change them (422)")
     canary_max_changed: float = Field(
-        0.05, ge=0, le=1, description="refuse an edit after which more than this share of the canary prompts "
-                                      "answer differently from the unedited model")
+        0.05, ge=0, le=1, description="refuse an edit that makes more than this share of the canary prompts "
+                                      "answer differently (against the model just before it)")
     canary_max_logprob_drop: float = Field(
-        0.25, ge=0, description="refuse an edit after which the canaries' unedited answers lost more than this "
-                                "mean log-prob (nats per token) against the unedited model")
+        0.25, ge=0, description="refuse an edit that takes more than this mean log-prob (nats per token) from "
+                                "the canaries' unedited answers (against the model just before it)")
+    canary_max_changed_total: float = Field(
+        0.5, ge=0, le=1, description="refuse any edit after which more than this share of the canary prompts "
+                                     "would answer differently from the unedited model (ceiling on drift that "
+                                     "adds up over many edits)")
 
     # --- roles and replicas (see service.roles) -------------------------------------------------
     role: Literal["writer", "replica", "auto"] = Field(

@@ -3,6 +3,7 @@ large update to the MLPs -> canaries change and lose log-prob; still_greedy agre
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from editor_core.canary import CanarySet, load_canary_prompts
@@ -35,10 +36,34 @@ def test_canaries_see_no_change_then_a_damaging_update(tiny_model, tiny_tokenize
     updates = {}
     for name, t in stack.targets.items():
         w = tiny_model.get_submodule(name).weight
-        scale = 20 * float(w.norm()) / (t.d_out * t.d_in) ** 0.5
+        scale = 20 * float(w.detach().norm()) / (t.d_out * t.d_in) ** 0.5
         updates[name] = LowRankUpdate(scale * torch.randn(4, t.d_out), torch.randn(4, t.d_in))
     with stack.applied(EditDelta(updates, stack.fingerprint)):
         loud = canaries.check(tiny_model)
     assert loud.changed > 8 and loud.logprob_drop > 0.1
     assert loud.to_dict()["changed"] == loud.changed and len(loud.to_dict()["changed_prompts"]) <= 8
     assert canaries.check(tiny_model).changed == 0  # reverted: the baseline answers are back
+
+
+def test_marginal_figures_judge_one_edit_against_the_state_before_it(tiny_model, tiny_tokenizer):
+    """After a damaging update, a second tiny one is judged by what IT changes (nothing much), while the
+    cumulative figures still show the damage; measured against the base, the damaging one shows it all."""
+    canaries = CanarySet(tiny_model, tiny_tokenizer, n_tokens=3)
+    base_state = canaries.measure(tiny_model)
+    stack = EditStack(tiny_model, resolve_targets(tiny_model))
+    torch.manual_seed(1)
+    big, small = {}, {}
+    for name, t in stack.targets.items():
+        w = tiny_model.get_submodule(name).weight.detach()
+        scale = float(w.norm()) / (t.d_out * t.d_in) ** 0.5
+        big[name] = LowRankUpdate(20 * scale * torch.randn(4, t.d_out), torch.randn(4, t.d_in))
+        small[name] = LowRankUpdate(1e-4 * scale * torch.randn(1, t.d_out), torch.randn(1, t.d_in))
+    with stack.applied(EditDelta(big, stack.fingerprint), "big"):
+        damaged = canaries.measure(tiny_model)
+        first = canaries.check(tiny_model, before=base_state, now=damaged)
+        assert first.new_changed == first.changed > 8 and first.step_logprob_drop == pytest.approx(first.logprob_drop)
+        with stack.applied(EditDelta(small, stack.fingerprint), "small"):
+            second = canaries.check(tiny_model, before=damaged)
+    assert second.changed > 8  # the drift so far is still reported ...
+    assert second.new_changed == 0 and abs(second.step_logprob_drop) < 1e-3  # ... but not blamed on this edit
+    assert second.to_dict()["new_changed"] == 0

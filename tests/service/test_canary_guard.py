@@ -26,7 +26,8 @@ def test_edit_moving_canaries_is_refused_with_figures(tiny_tokenizer):
         body = r.json()
         assert body["code"] == "edit_rejected" and "canary" in body["detail"]
         fig = body["canary"]
-        assert fig["canaries"] == 64 and (fig["changed"] > 0 or fig["logprob_drop"] > 0) and fig["check_ms"] >= 0
+        assert fig["canaries"] == 64 and fig["check_ms"] >= 0
+        assert fig["new_changed"] > 0 or fig["step_logprob_drop"] > 0  # judged against the model just before it
         assert _state(c) == before  # nothing applied, nothing journaled
         assert "mend_canary_changed" in c.get("/metrics").text
 
@@ -38,3 +39,4 @@ def test_edit_within_thresholds_is_applied_and_records_figures(tiny_tokenizer):
         out = edit(c, REQ["prompt"], REQ["target"])
         rec = c.get(f"/edits/{out['edit_id']}").json()
         assert rec["canary"]["canaries"] == 64 and 0 <= rec["canary"]["changed_share"] <= 1
+        assert 0 <= rec["canary"]["new_changed"] <= rec["canary"]["changed"] or rec["canary"]["changed"] == 0
