@@ -182,6 +182,31 @@ def refusal_reason(status: int, body: dict) -> str:
     return f"{status} other"
 
 
+def answer_lengths(model: str, answers: list[str]) -> list[int] | None:
+    """Token count of each answer as it follows a prompt (editor_core.batching.target_ids), with the
+    model's tokenizer; None when the model has no local directory to read it from."""
+    from transformers import AutoTokenizer
+
+    from editor_core.batching import target_ids
+    from editor_core.models import local_model_dir
+
+    path = local_model_dir(model, Path(os.environ["MEND_MODEL_CACHE"]) if os.environ.get("MEND_MODEL_CACHE") else None)
+    if path is None:
+        return None
+    tok = AutoTokenizer.from_pretrained(path)
+    return [max(1, len(target_ids(tok, a))) for a in answers]
+
+
+def ask_lengths(http: httpx.Client, prompts: list[str], lengths: list[int]) -> list[str]:
+    """Greedy completions, each for its own number of tokens (one /query per length group and chunk)."""
+    out: list[str] = [""] * len(prompts)
+    for n in sorted(set(lengths)):
+        idx = [i for i, k in enumerate(lengths) if k == n]
+        for i, text in zip(idx, ask(http, [prompts[i] for i in idx], n), strict=True):
+            out[i] = text
+    return out
+
+
 def journal_records(http: httpx.Client) -> list[dict]:
     """Every journal record (GET /edits, oldest first, paged)."""
     records: list[dict] = []
@@ -298,6 +323,11 @@ def measure(cfg: RunConfig) -> dict[str, Any]:
         neighbours = [f.locality[0].prompt for f in facts]
         base_answers = ask(http, prompts + neighbours, cfg.answer_tokens)
         base_prompt, base_neigh = base_answers[:len(facts)], base_answers[len(facts):]
+        # neighbour kept as evaluate.py defines it: the greedy continuation for the locality answer's length
+        lengths = answer_lengths(cfg.model, [f.locality[0].answer for f in facts])
+        res["neighbour_answer_tokens"] = lengths is not None
+        lengths = lengths or [cfg.answer_tokens] * len(facts)
+        base_short = ask_lengths(http, neighbours, lengths)
         started = time.perf_counter()
         edits = _Edits(cfg, serve.base, facts, started)
         threads = [threading.Thread(target=edits.client, name=f"client-{c}") for c in range(cfg.clients)]
@@ -329,8 +359,12 @@ def measure(cfg: RunConfig) -> dict[str, Any]:
         res["success_end"] = sum(held) / k if k else float("nan")
         res["paraphrase_success"] = sum(holds(s, f.target_new) for s, f in zip(said[k:2 * k], acc_facts,
                                                                                  strict=True)) / k if k else float("nan")
-        res["neighbour_kept"] = sum(s == base_neigh[x["i"]] for s, x in zip(said[2 * k:], accepted,
+        res["neighbour_kept_8_tokens"] = sum(s == base_neigh[x["i"]] for s, x in zip(said[2 * k:], accepted,
+                                                                                     strict=True)) / k if k else float("nan")
+        short = ask_lengths(http, [f.locality[0].prompt for f in acc_facts], [lengths[x["i"]] for x in accepted])
+        res["neighbour_kept"] = sum(s == base_short[x["i"]] for s, x in zip(short, accepted,
                                                                             strict=True)) / k if k else float("nan")
+        answers = {"base_prompt": base_prompt, "base_neighbour": base_neigh, "base_neighbour_short": base_short}
         res["success_at_ack"] = sum(bool(x["success"]) for x in accepted) / k if k else float("nan")
         # 5. roll back random accepted edits
         chosen = random.Random(cfg.seed).sample(range(k), min(cfg.rollbacks, k))
@@ -351,6 +385,12 @@ def measure(cfg: RunConfig) -> dict[str, Any]:
         others = [j for j in range(k) if j not in gone and held[j]]
         res["others_held_before"] = len(others)
         res["others_still_hold"] = sum(holds(after[j], acc_facts[j].target_new) for j in others)
+        res["rolled_back_facts"] = [{"i": accepted[j]["i"], "prompt": acc_facts[j].prompt, "target":
+                                     acc_facts[j].target_new, "before_edit": accepted[j]["before"],
+                                     "base": base_prompt[accepted[j]["i"]], "after_rollback": after[j]} for j in chosen]
+        res["answers"] = {**answers, "accepted_i": [x["i"] for x in accepted], "end_prompt": said[:k],
+                          "end_rephrase": said[k:2 * k], "end_neighbour": said[2 * k:],
+                          "end_neighbour_short": short, "after_rollbacks": after}
         ready = http.get("/health/ready").json()
         res["sha256"], res["version"], res["active_edits"] = ready["sha256"], ready["version"], ready["active_edits"]
         res["peak_rss_kb"] = serve.peak_rss_kb()
@@ -436,7 +476,9 @@ def to_figure(res: dict[str, Any], fp32_bytes: int | None, full_n: int = DEFAULT
         {"measure": "success at /edit (teacher-forced, accepted)", "share": round(res["success_at_ack"], 4)},
         {"measure": "success at the end (greedy starts with target)", "share": round(res["success_end"], 4)},
         {"measure": "paraphrase success at the end", "share": round(res["paraphrase_success"], 4)},
-        {"measure": "neighbour kept (answer as before any edit)", "share": round(res["neighbour_kept"], 4)},
+        {"measure": "neighbour kept (answer-length greedy continuation as before any edit)",
+         "share": round(res["neighbour_kept"], 4)},
+        {"measure": "neighbour's 8-token continuation unchanged", "share": round(res["neighbour_kept_8_tokens"], 4)},
     ]
     if res["canary_last"]:
         c = res["canary_last"]
@@ -513,7 +555,8 @@ def to_figure(res: dict[str, Any], fp32_bytes: int | None, full_n: int = DEFAULT
         "neighbour (the first ones of the file), one POST /edit each from 4 concurrent clients; every edit is "
         "computed on the weights the earlier ones left",
         "success = the greedy continuation (8 tokens) starts with the new target; neighbour kept = the first locality "
-        "prompt's greedy continuation is unchanged from before any edit; server_ms is the journal record's "
+        "prompt's greedy continuation for its answer's length in tokens (as evaluate.py's neighbour_kept) is unchanged "
+        "from before any edit; server_ms is the journal record's "
         "latency_ms (compute + canary check + journal write), client_ms adds the wait behind the other clients' edits",
         "rollbacks are posted one at a time after all edits, each timed over HTTP; restored = the rolled-back fact's "
         "target is no longer the greedy answer",
