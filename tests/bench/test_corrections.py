@@ -38,6 +38,8 @@ def test_corrections_run_on_a_real_service(tiny_model_dir, tmp_path):
     res = measure(cfg)
     log.warning("corrections result: %s", {k: v for k, v in res.items() if k not in ("edits", "timeline")})
     assert res["n"] == 16 and res["accepted"] == 16 and res["refused"] == {}
+    assert res["neighbour_answer_tokens"] and 0 <= res["neighbour_kept"] <= 1
+    assert len(res["rolled_back_facts"]) == 4 and len(res["answers"]["end_prompt"]) == 16
     assert res["success_at_ack"] == 1.0
     assert len(res["rollback_s"]) == 4 and all(t > 0 for t in res["rollback_s"])
     assert res["active_edits"] == 12 and res["version"] == 20
