@@ -147,7 +147,10 @@ def render(args, all_stages: list[Stage]) -> None:
     if done:
         lines += ["Stages in this report:", ""]
         lines += [f"- `{name}`: {d['records']} records, {d['seconds']} s, finished {d['finished']}, "
-                  f"{d['threads']} torch thread(s), load average {d['load_average']}" for name, d in done.items()]
+                  f"{d['threads']} torch thread(s), load average {d['load_average']}"
+                  + (f", key statistics: {d.get('stats_corpus') or 'not recorded (made before the shipped ones)'}"
+                     if d["stage"]["method"] in ("rome", "memit", "alphaedit") else "")
+                  for name, d in done.items()]
         lines += [f"- `{name}`: cut short after {points[-1]['n']} edits (its checkpoints are shown)"
                   for name, points in partial.items() if points]
         lines.append("")
