@@ -27,6 +27,7 @@ from torch import nn
 
 from editor_core.batching import pad_id, prompt_ids, right_pad
 from editor_core.greedy import greedy_ids
+from editor_core.logits import logits_at
 
 DEFAULT_CANARIES = Path(__file__).parent / "assets" / "canaries.json"
 
@@ -92,14 +93,17 @@ class CanarySet:
         rows = [prompt_ids(self.tokenizer, p) for p in self.prompts]
         seqs = [r + a for r, a in zip(rows, self.answers, strict=True)]
         ids, mask = right_pad(seqs, pad_id(self.tokenizer), device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), -1)  # (n, T, V)
-        same, mean_lp = [], []
+        select = torch.zeros_like(mask, dtype=torch.bool)  # (n, T): the positions predicting an answer token
         for i, (r, a) in enumerate(zip(rows, self.answers, strict=True)):
-            pos = torch.arange(len(r) - 1, len(r) - 1 + len(a), device=logp.device)  # predict a's tokens
-            tgt = torch.tensor(a, device=logp.device)
-            same.append(bool((logp[i, pos].argmax(-1) == tgt).all()))
-            mean_lp.append(float(logp[i, pos, tgt].mean()))
+            select[i, len(r) - 1 : len(r) - 1 + len(a)] = True
+        logp = torch.log_softmax(logits_at(model, ids, mask, select).float(), -1)  # (N, V) row-major
+        same, mean_lp, at = [], [], 0
+        for a in self.answers:
+            tgt = torch.tensor(a, device=logp.device)  # (len(a),)
+            rows_lp = logp[at : at + len(a)]  # (len(a), V)
+            same.append(bool((rows_lp.argmax(-1) == tgt).all()))
+            mean_lp.append(float(rows_lp.gather(-1, tgt.unsqueeze(-1)).mean()))
+            at += len(a)
         return torch.tensor(same), torch.tensor(mean_lp)
 
     def measure(self, model: nn.Module) -> CanaryState:

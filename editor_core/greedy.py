@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from editor_core.batching import pad_id, prompt_ids, right_pad
+from editor_core.logits import logits_at
 
 
 @torch.no_grad()
@@ -26,9 +27,10 @@ def greedy_ids(model: nn.Module, tokenizer, prompts: list[str], lengths: list[in
         for _ in range(max(want, default=0)):
             seqs = [r + g for r, g in zip(rows, gen, strict=True)]
             ids, mask = right_pad(seqs, pad_id(tokenizer), device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
             last = mask.sum(-1) - 1  # (B,)
-            nxt = logits[torch.arange(len(seqs), device=device), last].argmax(-1).tolist()
+            select = torch.zeros_like(mask, dtype=torch.bool)  # (B, T): each row's last real token
+            select[torch.arange(len(seqs), device=device), last] = True
+            nxt = logits_at(model, ids, mask, select).argmax(-1).tolist()  # (B,)
             for i, t in enumerate(nxt):
                 if len(gen[i]) < want[i]:
                     gen[i].append(int(t))
@@ -46,8 +48,12 @@ def still_greedy(model: nn.Module, tokenizer, prompts: list[str], continuations:
         rows = [prompt_ids(tokenizer, p) for p in prompts[s : s + batch_size]]
         conts = continuations[s : s + batch_size]
         ids, mask = right_pad([r + c for r, c in zip(rows, conts, strict=True)], pad_id(tokenizer), device)
-        argmax = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(-1)  # (B, T)
+        select = torch.zeros_like(mask, dtype=torch.bool)  # (B, T): the positions predicting c's tokens
         for i, (r, c) in enumerate(zip(rows, conts, strict=True)):
-            pred = argmax[i, len(r) - 1 : len(r) - 1 + len(c)].tolist()  # predictions of c's tokens
-            out.append(pred == list(c))
+            select[i, len(r) - 1 : len(r) - 1 + len(c)] = True
+        argmax = logits_at(model, ids, mask, select).argmax(-1).tolist()  # (N,) row-major
+        at = 0
+        for c in conts:
+            out.append(argmax[at : at + len(c)] == list(c))
+            at += len(c)
     return out

@@ -64,7 +64,10 @@ class EditStack:
         with torch.no_grad():
             # (d_out, d_in) fp32 copies; never modified after this point.
             self._base = {t.name: self._stored_as_out_in(t).float().clone() for t in targets}
-        self._sums = {n: _Sum(b.clone(), [], b.clone()) for n, b in self._base.items()}  # current fp32 weights
+        # current fp32 weights. Tensors are never written in place once stored (only fresh sums are), so
+        # the base can stand for "no closed chunk" and "no edit" without copies: 2 copies per target
+        # until a target's edits pass one chunk, 3 after
+        self._sums = {n: _Sum(b, [], b) for n, b in self._base.items()}
         self._active: OrderedDict[str, EditDelta] = OrderedDict()
 
     # ---- queries -------------------------------------------------------------------------------
@@ -159,11 +162,13 @@ class EditStack:
                 groups[-1].append(upd)
             else:
                 groups.append([upd])
-        closed = self._base[name].clone()
-        for group in groups[:-1]:
-            _chunk_sum(closed, group, out=closed)  # in place: one buffer for a whole replay
+        closed = self._base[name]
+        if len(groups) > 1:
+            closed = closed.clone()
+            for group in groups[:-1]:
+                _chunk_sum(closed, group, out=closed)  # in place on the fresh copy: one buffer for a replay
         if not groups:
-            return _Sum(closed, [], closed.clone())
+            return _Sum(closed, [], closed)
         return _Sum(closed, groups[-1], _chunk_sum(closed, groups[-1]))
 
     def _commit(self, new: dict[str, _Sum]) -> None:
