@@ -403,12 +403,7 @@ class ServeProcess:
 
     def memory_kb(self) -> dict[str, int]:
         """VmHWM (peak RSS) and VmRSS of the process, in kB."""
-        out = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                k, v = line.split(":", 1)
-                out[k] = int(v.split()[0])
-        return out
+        return proc_status_kb(self.proc.pid, ("VmHWM", "VmRSS"))
 
     def tail(self, n: int = 2000) -> str:
         try:
@@ -417,14 +412,29 @@ class ServeProcess:
             return ""
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout_s)
         self._log.close()
+
+
+def proc_status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    """Fields of /proc/<pid>/status given in kB (VmHWM = peak RSS, VmRSS), by name."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in fields:
+            out[name] = int(value.split()[0])
+    return out
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM (a served process stops its embedded redis-server with it), SIGKILL only if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # ---- profiling -------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import signal
 import subprocess
 import threading
 import time
@@ -38,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import REPO, Figure, Verdict, mend_executable, pct
+from bench.common import REPO, Figure, Verdict, mend_executable, pct, proc_status_kb, terminate
 
 log = logging.getLogger("bench.corrections")
 
@@ -113,10 +112,7 @@ class Serve:
 
     def peak_rss_kb(self) -> int:
         """VmHWM (peak resident set) of the serve process, in kB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        return 0
+        return proc_status_kb(self.proc.pid, ("VmHWM",)).get("VmHWM", 0)
 
     def tail(self, n: int = 3000) -> str:
         try:
@@ -126,13 +122,7 @@ class Serve:
 
     def stop(self, timeout_s: float = 120.0) -> None:
         """SIGTERM (the embedded redis-server stops with it), SIGKILL only if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=60)
+        terminate(self.proc, timeout_s)
         self._log.close()
 
 

@@ -74,6 +74,15 @@ def tiny_llama(tiny_tokenizer) -> LlamaForCausalLM:
 
 
 @pytest.fixture
+def tiny_model_dir(tiny_tokenizer, tiny_llama, tmp_path) -> Path:
+    """The tiny llama and its tokenizer saved as a local model directory (what `--model DIR` takes)."""
+    d = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
 def tiny_gpt2(tiny_tokenizer) -> GPT2LMHeadModel:
     return make_tiny_gpt2(len(tiny_tokenizer))
 

@@ -19,13 +19,6 @@ pytestmark = pytest.mark.integration
 FACTS = Path(__file__).resolve().parents[1] / "fixtures" / "facts.json"
 
 
-@pytest.fixture
-def tiny_model_dir(tiny_tokenizer, tiny_llama, tmp_path) -> Path:
-    d = tmp_path / "tiny-llama"
-    tiny_llama.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
 
 def _finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0

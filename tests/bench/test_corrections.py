@@ -23,13 +23,6 @@ FACTS = Path(__file__).resolve().parents[1] / "fixtures" / "facts.json"
 log = logging.getLogger(__name__)
 
 
-@pytest.fixture
-def tiny_model_dir(tiny_tokenizer, tiny_llama, tmp_path) -> Path:
-    d = tmp_path / "tiny-llama"
-    tiny_llama.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
 
 def test_corrections_run_on_a_real_service(tiny_model_dir, tmp_path):
     cfg = RunConfig(n=16, data=FACTS, workdir=tmp_path / "run", model=str(tiny_model_dir), method="ft",

@@ -172,27 +172,20 @@ def parse(*argv):
     return p.parse_args(list(argv))
 
 
-@pytest.fixture
-def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
-    d = tmp_path / "tiny-llama"
-    tiny_llama.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
 
-
-def test_cli_runs_ft_and_writes_json(model_dir, tmp_path, capsys):
+def test_cli_runs_ft_and_writes_json(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "r" / "report.json"
-    args = parse("--model", str(model_dir), "--method", "ft", "--data", str(FIXTURES / "facts.json"),
+    args = parse("--model", str(tiny_model_dir), "--method", "ft", "--data", str(FIXTURES / "facts.json"),
                  "--limit", "2", "--batch-size", "2", "--json", str(out), "--no-progress", "--ft-lr", "1e-2")
     assert run(args) == 0
     assert "efficacy" in capsys.readouterr().out
     doc = json.loads(out.read_text())
-    assert doc["n_records"] == 2 and doc["edit_ms"]["n"] == 1 and doc["meta"]["model"] == str(model_dir)
+    assert doc["n_records"] == 2 and doc["edit_ms"]["n"] == 1 and doc["meta"]["model"] == str(tiny_model_dir)
     assert doc["meta"]["targets"][0].startswith("model.layers.")
     assert doc["rows"][0]["edit"]["method"] == "ft" and int(doc["rows"][0]["edit"]["steps"]) > 0
 
 
-def test_cli_mend_uses_the_checkpoint_targets(model_dir, tmp_path, tiny_llama, capsys):
+def test_cli_mend_uses_the_checkpoint_targets(tiny_model_dir, tmp_path, tiny_llama, capsys):
     from editor_core import checkpoint
     from editor_core.config import MendConfig
     from editor_core.editor import MendEditor
@@ -203,7 +196,7 @@ def test_cli_mend_uses_the_checkpoint_targets(model_dir, tmp_path, tiny_llama, c
     editor = MendEditor.untrained(stack, cfg)
     ckpt = checkpoint.save(tmp_path / "ed", cfg, editor.nets.state_dict(), {"model_fingerprint": stack.fingerprint})
     out = tmp_path / "mend.json"
-    args = parse("--model", str(model_dir), "--editor", str(ckpt), "--data", str(FIXTURES / "facts.json"),
+    args = parse("--model", str(tiny_model_dir), "--editor", str(ckpt), "--data", str(FIXTURES / "facts.json"),
                  "--limit", "2", "--json", str(out), "--no-progress")
     assert run(args) == 0
     doc = json.loads(out.read_text())

@@ -12,19 +12,11 @@ from editor_core.stats import STATS_FILE, KeyStats, stats_fingerprint
 from service.cli import main
 
 
-@pytest.fixture
-def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
-    d = tmp_path / "tiny-llama"
-    tiny_llama.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
-
-def test_stats_from_sampled_and_counterfact_text(model_dir, tmp_path, facts, tiny_llama):
+def test_stats_from_sampled_and_counterfact_text(tiny_model_dir, tmp_path, facts, tiny_llama):
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(facts))
     out = tmp_path / "stats"
-    rc = main(["stats", "--model", str(model_dir), "--layers", "1", "2", "--data", str(data), "--samples", "8",
+    rc = main(["stats", "--model", str(tiny_model_dir), "--layers", "1", "2", "--data", str(data), "--samples", "8",
                "--tokens", "400", "--no-progress", "--out", str(out)])
     assert rc == 0
     stats = KeyStats.load(out / STATS_FILE)
@@ -40,8 +32,8 @@ def test_stats_from_sampled_and_counterfact_text(model_dir, tmp_path, facts, tin
     (["--data", "/nonexistent.json"], "no such file"),
     (["--layers", "9"], "--layers"),
 ])
-def test_stats_refuses_bad_arguments(model_dir, tmp_path, capsys, argv, message):
+def test_stats_refuses_bad_arguments(tiny_model_dir, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["stats", "--model", str(model_dir), "--out", str(tmp_path / "s"), "--no-progress", *argv])
+        main(["stats", "--model", str(tiny_model_dir), "--out", str(tmp_path / "s"), "--no-progress", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "s" / STATS_FILE).exists()
