@@ -37,7 +37,7 @@ CHECKPOINTS = (1, 3, 10, 30, 100, 300, 1000)
 class Stage:
     name: str
     method: str
-    kind: str  # single | batch | stacked
+    kind: str  # single | batch | stacked | latency
     data: str  # counterfact | zsre
     n: int
 
@@ -52,6 +52,7 @@ def stages(args) -> list[Stage]:
     out += [Stage(f"stacked1000-{m}", m, "stacked", "counterfact", args.stacked_long) for m in (DEFAULT_METHOD, "rome")]
     out.sort(key=lambda s: s.name != f"stacked1000-{DEFAULT_METHOD}")  # the longest first: it may be cut short
     out += [Stage(f"zsre-{m}", m, "single", "zsre", args.zsre) for m in METHODS]
+    out.append(Stage("latency", "all", "latency", "counterfact", args.latency))
     return out
 
 
@@ -73,22 +74,30 @@ def run_stage(stage: Stage, args) -> dict:
     editor_dir = checkpoint.default_editor_dir(args.model)
     stats_dir = editor_dir  # the shipped statistics live beside the shipped editor
     stack = EditStack(model, checkpoint.all_stack_targets(model, editor_dir, stats_dir))
-    if stage.method == "mend":
-        editor = MendEditor.load(editor_dir, stack)
-    elif stage.method == "ft":
-        ft_targets = tuple(t.name for t in checkpoint.stack_targets(model, editor_dir))
-        editor = make_baseline("ft", stack, FTConfig(max_steps=args.ft_steps, targets=ft_targets))
-    else:
-        editor = LocateEditor(stage.method, stack, KeyStats.load(Path(stats_dir) / STATS_FILE),
-                              LocateConfig.load(stats_dir))
+
+    def make_editor(method: str):
+        if method == "mend":
+            return MendEditor.load(editor_dir, stack)
+        if method == "ft":
+            ft_targets = tuple(t.name for t in checkpoint.stack_targets(model, editor_dir))
+            return make_baseline("ft", stack, FTConfig(max_steps=args.ft_steps, targets=ft_targets))
+        return LocateEditor(method, stack, KeyStats.load(Path(stats_dir) / STATS_FILE), LocateConfig.load(stats_dir))
+
     path = args.data if stage.data == "counterfact" else args.zsre_data
     records = load_records(path)
     if stage.data == "zsre":
         records = records[-stage.n:]  # the end of the file: keep the start free for a training split
     else:
         records = records[: stage.n]
-    canaries = CanarySet(model, tok)
     started = time.time()
+    if stage.kind == "latency":
+        out = {"latency": latency(model, tok, stack, {m: make_editor(m) for m in METHODS}, records),
+               "stage": stage.__dict__, "records": len(records), "seconds": round(time.time() - started),
+               "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
+               "load_average": round(os.getloadavg()[0], 1)}
+        return out
+    editor = make_editor(stage.method)
+    canaries = CanarySet(model, tok)
     if stage.kind == "stacked":
         points_file = CACHE / f"{stage.name}.points.json"
         points = stacked_curve(model, tok, stack, editor, records, list(CHECKPOINTS) + [len(records)],
@@ -107,6 +116,38 @@ def run_stage(stage: Stage, args) -> dict:
     out.update({"stage": stage.__dict__, "records": len(records), "seconds": round(time.time() - started),
                 "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
                 "load_average": round(os.getloadavg()[0], 1)})
+    return out
+
+
+def latency(model, tok, stack, editors: dict, records) -> dict:
+    """Per method: one edit call (compute + apply) on each record, beside one forward+backward of the model on
+    the same request (prompt + target, loss on the target, gradients of every weight), interleaved so both
+    see the same machine load. Milliseconds: {method: {"edit": {...}, "fwd_bwd": {...}}}."""
+    from editor_core.batching import build_batch
+
+    def summary(ms: list[float]) -> dict:
+        ms = sorted(ms)
+        return {"median": ms[len(ms) // 2], "p95": ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))], "n": len(ms)}
+
+    out = {}
+    for method, editor in editors.items():
+        edit_ms, fb_ms = [], []
+        for i, r in enumerate(records):
+            req = r.to_request()
+            batch = build_batch(tok, [req.prompt], [req.target])
+            t0 = time.perf_counter()
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            loss.backward()
+            fb_ms.append((time.perf_counter() - t0) * 1000.0)
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            delta = editor.compute_delta(model, tok, [req])
+            stack.apply(f"latency-{method}-{i}", delta)
+            edit_ms.append((time.perf_counter() - t0) * 1000.0)
+            stack.revert(f"latency-{method}-{i}")
+        out[method] = {"edit": summary(edit_ms), "fwd_bwd": summary(fb_ms)}
+        log.info("latency %s: edit p50 %.0f ms, forward+backward p50 %.0f ms", method, out[method]["edit"]["median"],
+                 out[method]["fwd_bwd"]["median"])
     return out
 
 
@@ -183,6 +224,7 @@ def render(args, all_stages: list[Stage]) -> None:
             else:
                 lines.append(f"| {s.method} | not run | " + " | ".join("-" for _ in COLUMNS) + " | - |")
         lines.append("")
+    lines += _latency_section(done.get("latency"))
     long = [s for s in all_stages if s.name.startswith("stacked1000")]
     lines += ["## Stacked edits over time", "",
               "Every fact edited so far is scored after n edits (the point at n is `mend eval --sequential n` "
@@ -219,6 +261,23 @@ def render(args, all_stages: list[Stage]) -> None:
     (out / "results.json").write_text(json.dumps({"stages": done, "partial": partial}, indent=1))
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s (%d stages finished)", out / "RESULTS.md", len(done))
+
+
+def _latency_section(d: dict | None) -> list[str]:
+    """The latency table: each method's edit call beside a forward+backward of the same requests."""
+    lines = ["## Latency: one edit call beside one forward+backward, same run", ""]
+    if not d:
+        return lines + ["Not run (stage `latency`).", ""]
+    lines += [f"{d['records']} counterfact-val records per method, single edits on the unedited model, "
+              f"{d['threads']} torch thread(s), load average {d['load_average']} at the end, finished "
+              f"{d['finished']}. forward+backward = the model's loss on prompt + target and the gradients of "
+              "every weight, timed just before each edit call; edit = `compute_delta` + `EditStack.apply`.", "",
+              "| method | edit s p50 / p95 | forward+backward s p50 | edit p50 / forward+backward p50 |",
+              "|---|---|---|---|"]
+    for method, t in d["latency"].items():
+        e, fb = t["edit"], t["fwd_bwd"]
+        lines.append(f"| {method} | {_ms(e)} | {fb['median'] / 1000:.2f} | {e['median'] / fb['median']:.1f}x |")
+    return lines + [""]
 
 
 def _plot(curves: dict[str, list[dict]], path: Path) -> None:
@@ -258,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stacked", type=int, default=100)
     p.add_argument("--stacked-long", type=int, default=1000)
     p.add_argument("--zsre", type=int, default=100)
+    p.add_argument("--latency", type=int, default=20, help="records per method in the latency stage")
     p.add_argument("--ft-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--render", action="store_true", help="only rewrite the markdown")

@@ -108,82 +108,134 @@ class Values:
 
     z: torch.Tensor  # (n, d) wanted state leaving block ``layer`` at the subject's last token
     h: torch.Tensor  # (n, d) the state there before the edit (bare prompt)
-    steps: int
+    steps: int  # objective evaluations (tail forwards), the last one included
     nll: float  # mean target NLL at the end
+
+
+@dataclass
+class Evaluation:
+    """The objective at one ``delta``, per request and in total."""
+
+    loss: torch.Tensor  # () NLL sum + KL + weight decay
+    nll: torch.Tensor  # (n,) mean target-token NLL per request, over every prefix
+    hit: torch.Tensor  # (n,) bool: every target token is the top-1 prediction behind every prefix
+
+
+class ValueProblem:
+    """The value objective of a batch of requests at one layer, with the prefix states cached.
+
+    Built once per edit (one forward of the blocks up to ``layer``); :meth:`evaluate` runs only the
+    blocks above it, so each evaluation of a candidate ``delta`` (n, d) costs one tail forward.
+    Used by :func:`optimise_values` (Adam on delta) and by ``tools/value_probe.py`` (how far one
+    gradient step gets: the question behind a one-pass, MEND-style value editor).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, requests: list[EditRequest], layer: int, cfg: ValueConfig):
+        device = next(model.parameters()).device
+        self.model, self.layer, self.cfg, self.n = model, layer, cfg, len(requests)
+        rows = _rows(tokenizer, requests, cfg.prefixes, with_kl=cfg.kl_weight > 0)
+        ids, mask, labels = _pad(rows, pad_id(tokenizer), device)
+        n, B = len(requests), len(rows)
+        self.mask = mask
+        self.pos = torch.tensor([r.subject_pos for r in rows], device=device)  # (B,)
+        self.req = torch.tensor([r.request for r in rows], device=device)  # (B,)
+        is_kl = torch.tensor([r.kl for r in rows], device=device)  # (B,)
+        lengths = mask.sum(-1)  # (B,)
+        # positions whose logits are read: target predictions, and the last token of each KL row
+        select = torch.zeros_like(mask, dtype=torch.bool)  # (B, T)
+        select[:, :-1] = labels[:, 1:] != IGNORE
+        select[is_kl, lengths[is_kl] - 1] = True
+        self.select = select
+        where = select.nonzero()  # (N, 2) row-major, matching tail_logits' selected order
+        sel_row = where[:, 0]
+        self.sel_is_kl = is_kl[sel_row]  # (N,)
+        nxt = torch.zeros(where.shape[0], dtype=torch.long, device=device)
+        self.tgt = ~self.sel_is_kl
+        nxt[self.tgt] = labels[where[self.tgt, 0], where[self.tgt, 1] + 1]
+        self.nxt = nxt
+        self.tok_req = req_of_tok = self.req[sel_row]  # (N,) request of each selected position
+        self.tokens_per_req = torch.bincount(req_of_tok[self.tgt], minlength=n).clamp(min=1).float()  # (n,)
+
+        self.base = prefix_states(model, ids, mask, layer + 1)  # (B, T, d): leaving block ``layer``
+        self.rows_idx = torch.arange(B, device=device)
+        h_rows = self.base[self.rows_idx, self.pos].float()  # (B, d)
+        self.h = h_rows[_first_rows(rows, n, device)]  # (n, d): bare prompt (prefix "")
+        self.h_norm = self.h.norm(dim=-1, keepdim=True)  # (n, 1)
+        with torch.no_grad():
+            pre = tail_logits(model, layer + 1, self.base, mask, select)  # (N, V)
+            self.pre_kl = torch.log_softmax(pre[self.sel_is_kl].float(), -1)  # (n_kl, V)
+
+    def evaluate(self, delta: torch.Tensor) -> Evaluation:
+        """The objective with ``delta`` (n, d) added at each request's subject; differentiable in delta."""
+        cfg, n = self.cfg, self.n
+        states = self.base.clone()
+        states[self.rows_idx, self.pos] = states[self.rows_idx, self.pos] + delta[self.req].to(states.dtype)
+        logits = tail_logits(self.model, self.layer + 1, states, self.mask, self.select).float()  # (N, V)
+        logp = torch.log_softmax(logits, -1)
+        tgt = self.tgt
+        tok_nll = -logp[tgt].gather(-1, self.nxt[tgt].unsqueeze(-1)).squeeze(-1)  # (N_t,)
+        nll = torch.zeros(n, device=delta.device).index_add(0, self.tok_req[tgt], tok_nll) / self.tokens_per_req
+        miss = (logits[tgt].argmax(-1) != self.nxt[tgt]).float()  # (N_t,)
+        hit = torch.zeros(n, device=delta.device).index_add(0, self.tok_req[tgt], miss) == 0  # (n,)
+        loss = nll.sum()
+        if cfg.kl_weight > 0:
+            post_kl = logp[self.sel_is_kl]
+            kl = (self.pre_kl.exp() * (self.pre_kl - post_kl)).sum(-1)  # (n_kl,)
+            loss = loss + cfg.kl_weight * kl.sum()
+        loss = loss + cfg.weight_decay * ((delta.norm(dim=-1) / self.h_norm.squeeze(-1)) ** 2).sum()
+        return Evaluation(loss=loss, nll=nll, hit=hit)
+
+    def clamp(self, delta: torch.Tensor) -> torch.Tensor:
+        """The norm bound ||delta|| <= clamp_norm * ||h||, per request (differentiable)."""
+        limit = self.cfg.clamp_norm * self.h_norm  # (n, 1)
+        return delta * torch.clamp(limit / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12), max=1.0)
+
+    def gradient_at_zero(self) -> torch.Tensor:
+        """(n, d) gradient of the objective with respect to delta at delta = 0: the editor's input."""
+        delta = torch.zeros_like(self.h, requires_grad=True)
+        with frozen(self.model):
+            (grad,) = torch.autograd.grad(self.evaluate(delta).loss, [delta])
+        return grad
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No gradient to the model's own parameters inside (they are not what is being optimised)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def optimise_values(model: nn.Module, tokenizer, requests: list[EditRequest], layer: int,
                     cfg: ValueConfig) -> Values:
-    """Find, per request, the state leaving block ``layer`` at the subject that makes the target come out."""
-    device = next(model.parameters()).device
-    rows = _rows(tokenizer, requests, cfg.prefixes, with_kl=cfg.kl_weight > 0)
-    ids, mask, labels = _pad(rows, pad_id(tokenizer), device)
-    n, B = len(requests), len(rows)
-    pos = torch.tensor([r.subject_pos for r in rows], device=device)  # (B,)
-    req = torch.tensor([r.request for r in rows], device=device)  # (B,)
-    is_kl = torch.tensor([r.kl for r in rows], device=device)  # (B,)
-    lengths = mask.sum(-1)  # (B,)
-    # positions whose logits are read: target predictions, and the last token of each KL row
-    select = torch.zeros_like(mask, dtype=torch.bool)  # (B, T)
-    select[:, :-1] = labels[:, 1:] != IGNORE
-    select[is_kl, lengths[is_kl] - 1] = True
-    where = select.nonzero()  # (N, 2) row-major, matching tail_logits' selected order
-    sel_row = where[:, 0]
-    sel_is_kl = is_kl[sel_row]  # (N,)
-    nxt = torch.zeros(where.shape[0], dtype=torch.long, device=device)
-    tgt = ~sel_is_kl
-    nxt[tgt] = labels[where[tgt, 0], where[tgt, 1] + 1]
-    tok_req = req[sel_row]  # (N,) request of each selected position
-    tokens_per_req = torch.bincount(tok_req[tgt], minlength=n).clamp(min=1).float()  # (n,)
+    """Find, per request, the state leaving block ``layer`` at the subject that makes the target come out.
 
-    base = prefix_states(model, ids, mask, layer + 1)  # (B, T, d): leaving block ``layer``
-    rows_idx = torch.arange(B, device=device)
-    h_rows = base[rows_idx, pos].float()  # (B, d)
-    first_row = _first_rows(rows, n, device)
-    h = h_rows[first_row]  # (n, d): bare prompt (prefix "")
-    h_norm = h.norm(dim=-1, keepdim=True)  # (n, 1)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)  # gradients flow to delta only
-    try:
-        with torch.no_grad():
-            pre = tail_logits(model, layer + 1, base, mask, select)  # (N, V)
-            pre_kl = torch.log_softmax(pre[sel_is_kl].float(), -1)  # (n_kl, V)
-        delta = torch.zeros_like(h, requires_grad=True)  # (n, d)
-        opt = torch.optim.Adam([delta], lr=cfg.lr)
-        steps, nll_mean = 0, float("nan")
+    Adam on delta for at most ``cfg.steps`` evaluations of the objective, stopping once every
+    request's target NLL is below ``cfg.stop_nll`` and every target token is top-1.
+    """
+    problem = ValueProblem(model, tokenizer, requests, layer, cfg)
+    delta = torch.zeros_like(problem.h, requires_grad=True)  # (n, d)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    steps, nll_mean = 0, float("nan")
+    with frozen(model):
         for steps in range(1, cfg.steps + 1):  # noqa: B007 (steps is reported)
-            states = base.clone()
-            states[rows_idx, pos] = states[rows_idx, pos] + delta[req].to(states.dtype)
-            logits = tail_logits(model, layer + 1, states, mask, select).float()  # (N, V)
-            logp = torch.log_softmax(logits, -1)
-            tok_nll = -logp[tgt].gather(-1, nxt[tgt].unsqueeze(-1)).squeeze(-1)  # (N_t,)
-            nll = torch.zeros(n, device=device).index_add(0, tok_req[tgt], tok_nll) / tokens_per_req  # (n,)
-            top1 = logits[tgt].argmax(-1) == nxt[tgt]
-            loss = nll.sum()
-            if cfg.kl_weight > 0:
-                post_kl = logp[sel_is_kl]
-                kl = (pre_kl.exp() * (pre_kl - post_kl)).sum(-1)  # (n_kl,)
-                loss = loss + cfg.kl_weight * kl.sum()
-            loss = loss + cfg.weight_decay * ((delta.norm(dim=-1) / h_norm.squeeze(-1)) ** 2).sum()
-            nll_mean = float(nll.detach().mean())
-            if float(nll.detach().max()) < cfg.stop_nll and bool(top1.all()):
+            ev = problem.evaluate(delta)
+            nll_mean = float(ev.nll.detach().mean())
+            if float(ev.nll.detach().max()) < cfg.stop_nll and bool(ev.hit.all()):
                 break
             if steps == cfg.steps:
                 break
-            opt.zero_grad()
-            (grad,) = torch.autograd.grad(loss, [delta])
+            (grad,) = torch.autograd.grad(ev.loss, [delta])
             delta.grad = grad
             opt.step()
             with torch.no_grad():  # the norm bound
-                limit = cfg.clamp_norm * h_norm
-                scale = torch.clamp(limit / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12), max=1.0)
-                delta.mul_(scale)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    return Values(z=(h + delta.detach()), h=h, steps=steps, nll=nll_mean)
+                delta.copy_(problem.clamp(delta))
+    return Values(z=(problem.h + delta.detach()), h=problem.h, steps=steps, nll=nll_mean)
 
 
 @contextmanager
