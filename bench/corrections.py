@@ -68,6 +68,8 @@ class RunConfig:
     sample: int = 32  # earlier accepted facts asked at each sample point
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the serve process
     ready_timeout_s: float = 900.0
+    keep_progress: bool = False  # keep <workdir>/progress.json, so that a stopped run can be resumed
+    max_posts: int | None = None  # post at most this many facts in this invocation, then stop (resume later)
 
 
 class Serve:
@@ -223,32 +225,106 @@ def load_facts(path: Path, n: int) -> list[Any]:
     return usable[:n]
 
 
+class Progress:
+    """What an acceptance run has done so far, kept in ``<workdir>/progress.json`` after every outcome.
+
+    A run of 1,000 corrections takes hours on 2 cores; when it is stopped (a session ends, the machine
+    reboots), ``mend bench --only corrections --corrections-dir DIR`` started again on the same
+    directory resumes it: the service restarts on the same journal, the facts already posted are not
+    posted again, and every figure covers the whole run. A fact whose edit the service journaled but
+    whose answer never reached the client (the run was stopped mid-request) is recovered from the
+    journal. ``path`` None keeps nothing (a run in a temporary directory).
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.state: dict[str, Any] = json.loads(path.read_text()) if path and path.is_file() else {}
+        self.rows: list[dict] = self.state.setdefault("rows", [])
+        self.timeline: list[dict] = self.state.setdefault("timeline", [])
+
+    @property
+    def resumed(self) -> bool:
+        return "base" in self.state
+
+    def check(self, n: int, method: str | None, data: Path) -> None:
+        """Refuse to resume a run made with other settings (its figures would not add up)."""
+        want = {"n": n, "method": method, "data": str(data)}
+        have = {k: self.state.get(k) for k in want}
+        if self.resumed and have != want:
+            raise RuntimeError(f"{self.path}: a run with {have} is stored there, this one is {want}; "
+                               "use another --corrections-dir or delete it")
+        self.state.update(want)
+
+    def save(self, **fields: Any) -> None:
+        """Write the state (atomically: a reader or a resumed run never sees half a file)."""
+        self.state.update(fields)
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, default=str))
+        os.replace(tmp, self.path)
+
+
+def recover_rows(rows: list[dict], records: list[dict], facts: list[Any]) -> int:
+    """Add a row for every journaled edit of a fact that has none (posted, journaled, answer lost);
+    returns how many were recovered."""
+    have = {x.get("edit_id") for x in rows}
+    by_prompt = {(f.prompt, f.target_new): i for i, f in enumerate(facts)}
+    posted = {x["i"] for x in rows}
+    found = 0
+    for rec in records:
+        if rec["edit_id"] in have or not rec.get("requests"):
+            continue
+        req = rec["requests"][0]
+        i = by_prompt.get((req.get("prompt"), req.get("target")))
+        if i is None or i in posted:
+            continue
+        rows.append({"i": i, "status": 200, "client_ms": float("nan"), "acked_s": float("nan"), "before": None,
+                     "edit_id": rec["edit_id"], "version": rec.get("version", 0),
+                     "success": rec["results"][0]["success"] if rec.get("results") else None,
+                     "p_after": None, "recovered": True})
+        posted.add(i)
+        found += 1
+    return found
+
+
 class _Edits:
     """The shared state of the posting clients."""
 
-    def __init__(self, cfg: RunConfig, http_base: str, facts: list[Any], started: float):
+    def __init__(self, cfg: RunConfig, http_base: str, facts: list[Any], started: float,
+                 progress: Progress | None = None, peak_rss_kb: Any = None):
         self.cfg, self.base, self.facts, self.started = cfg, http_base, facts, started
-        self.next = 0
+        self.peak_rss_kb = peak_rss_kb  # () -> kB of the serve process, sampled with the progress
+        self.progress = progress or Progress(None)
         self.lock = threading.Lock()
-        self.rows: list[dict] = []  # one per posted fact
-        self.timeline: list[dict] = []  # holding share of earlier accepted facts at sample points
-        self.done = 0
+        self.rows: list[dict] = self.progress.rows  # one per posted fact (those of an earlier run included)
+        self.timeline: list[dict] = self.progress.timeline  # holding share of earlier accepted facts over time
+        self.done = len(self.rows)
+        posted = {x["i"] for x in self.rows}
+        pending = [i for i in range(len(facts)) if i not in posted]  # in order; clients pop from the front
+        self.pending = pending if cfg.max_posts is None else pending[:cfg.max_posts]
+        self.offset_s = self.progress.state.get("edit_phase_s", 0.0)  # edit-phase seconds of earlier runs
 
     def client(self) -> None:
         with httpx.Client(base_url=self.base, timeout=self.cfg.ready_timeout_s) as http:
             while True:
                 with self.lock:
-                    if self.next >= len(self.facts):
+                    if not self.pending:
                         return
-                    i, self.next = self.next, self.next + 1
+                    i = self.pending.pop(0)
                 try:
                     self._post(http, i)
                 except Exception as err:  # noqa: BLE001 - recorded as this fact's outcome, the client goes on
                     log.exception("fact %d: request failed", i)
                     with self.lock:
                         self.rows.append({"i": i, "status": 0, "reason": f"client error {type(err).__name__}",
-                                          "client_ms": float("nan"), "acked_s": time.perf_counter() - self.started})
+                                          "client_ms": float("nan"), "acked_s": self.elapsed()})
                         self.done += 1
+                        self.progress.save(edit_phase_s=self.elapsed())
+
+    def elapsed(self) -> float:
+        """Seconds of edit phase so far, over every run of a resumed acceptance run."""
+        return self.offset_s + time.perf_counter() - self.started
 
     def _post(self, http: httpx.Client, i: int) -> None:
         f = self.facts[i]
@@ -259,7 +335,7 @@ class _Edits:
         t0 = time.perf_counter()
         r = post(http, "/edit", body)
         row = {"i": i, "status": r.status_code, "client_ms": (time.perf_counter() - t0) * 1000.0,
-               "acked_s": time.perf_counter() - self.started, "before": before}
+               "acked_s": self.elapsed(), "before": before}
         out = r.json()
         if r.status_code == 200:
             row.update(edit_id=out["edit_id"], version=out["version"], success=out["results"][0]["success"],
@@ -272,6 +348,7 @@ class _Edits:
             self.done += 1
             done = self.done
             accepted = [x for x in self.rows if "edit_id" in x]
+            self.progress.save(edit_phase_s=self.elapsed())
         if done % self.cfg.every == 0 or done == len(self.facts):
             self._progress(http, done, accepted)
 
@@ -285,11 +362,12 @@ class _Edits:
         version = max((x["version"] for x in accepted), default=0)
         with self.lock:
             self.timeline.append({"done": done, "version": version, "accepted": len(accepted), "holding": share})
+            if self.peak_rss_kb is not None:  # the peak of a run that is stopped later is not lost
+                self.progress.save(peak_rss_kb=max(self.progress.state.get("peak_rss_kb", 0), self.peak_rss_kb()))
         log.info("corrections %d/%d: %d accepted, last %d: %d accepted, success at ack %d, client p50 %.0f ms; "
                  "%d earlier accepted facts sampled, %.0f%% hold (%.0f s)", done, len(self.facts), len(accepted),
                  len(recent), len(ok), sum(bool(x["success"]) for x in ok),
-                 pct([x["client_ms"] for x in ok], 50), len(sample), 100 * share,
-                 time.perf_counter() - self.started)
+                 pct([x["client_ms"] for x in ok], 50), len(sample), 100 * share, self.elapsed())
 
 
 def measure(cfg: RunConfig) -> dict[str, Any]:
@@ -301,31 +379,55 @@ def measure(cfg: RunConfig) -> dict[str, Any]:
         raise RuntimeError(f"no usable records in {cfg.data}")
     data_dir = cfg.workdir / "var"
     data_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(cfg.workdir / "progress.json" if cfg.keep_progress else None)
+    progress.check(len(facts), cfg.method, cfg.data)
+    if progress.state.get("finished"):
+        raise RuntimeError(f"{progress.path}: this run has finished (see corrections.json beside the report); "
+                           "use another --corrections-dir to run again")
     res: dict[str, Any] = {"n": len(facts), "method": cfg.method, "canary_guard": cfg.canary_guard}
-    serve = Serve(cfg, data_dir, "first")
+    serve = Serve(cfg, data_dir, f"run{len(progress.state.get('runs', [])) + 1}")
     try:
-        res["empty_ready_s"], ready = serve.wait_ready(cfg.ready_timeout_s)
-        res["default_method"] = ready.get("default_method")
-        log.info("mend serve ready in %.1f s (empty journal), default method %s", res["empty_ready_s"],
-                 res["default_method"])
+        ready_s, ready = serve.wait_ready(cfg.ready_timeout_s)
         http = httpx.Client(base_url=serve.base, timeout=cfg.ready_timeout_s)
-        prompts = [f.prompt for f in facts]
-        neighbours = [f.locality[0].prompt for f in facts]
-        base_answers = ask(http, prompts + neighbours, cfg.answer_tokens)
-        base_prompt, base_neigh = base_answers[:len(facts)], base_answers[len(facts):]
-        # neighbour kept as evaluate.py defines it: the greedy continuation for the locality answer's length
-        lengths = answer_lengths(cfg.model, [f.locality[0].answer for f in facts])
-        res["neighbour_answer_tokens"] = lengths is not None
-        lengths = lengths or [cfg.answer_tokens] * len(facts)
-        base_short = ask_lengths(http, neighbours, lengths)
-        started = time.perf_counter()
-        edits = _Edits(cfg, serve.base, facts, started)
+        if progress.resumed:  # the same journal replayed: the facts posted so far are not posted again
+            recovered = recover_rows(progress.rows, journal_records(http), facts)
+            log.info("resuming %s: ready in %.1f s with %d active edits; %d of %d facts posted before (%d "
+                     "recovered from the journal)", progress.path, ready_s, ready["active_edits"], len(progress.rows),
+                     len(facts), recovered)
+            base = progress.state["base"]
+        else:
+            log.info("mend serve ready in %.1f s (empty journal), default method %s", ready_s,
+                     ready.get("default_method"))
+            prompts = [f.prompt for f in facts]
+            neighbours = [f.locality[0].prompt for f in facts]
+            base_answers = ask(http, prompts + neighbours, cfg.answer_tokens)
+            # neighbour kept as evaluate.py defines it: the greedy continuation for the locality answer's length
+            lengths = answer_lengths(cfg.model, [f.locality[0].answer for f in facts])
+            base = {"empty_ready_s": ready_s, "default_method": ready.get("default_method"),
+                    "prompt": base_answers[:len(facts)], "neighbour": base_answers[len(facts):],
+                    "neighbour_answer_tokens": lengths is not None,
+                    "lengths": lengths or [cfg.answer_tokens] * len(facts)}
+            base["neighbour_short"] = ask_lengths(http, neighbours, base["lengths"])
+            progress.save(base=base)
+        progress.save(runs=[*progress.state.get("runs", []), {"ready_s": ready_s,
+                                                              "active_edits": ready["active_edits"]}])
+        res["empty_ready_s"], res["default_method"] = base["empty_ready_s"], base["default_method"]
+        res["neighbour_answer_tokens"], lengths = base["neighbour_answer_tokens"], base["lengths"]
+        base_prompt, base_neigh, base_short = base["prompt"], base["neighbour"], base["neighbour_short"]
+        res["runs"] = progress.state["runs"]
+        edits = _Edits(cfg, serve.base, facts, time.perf_counter(), progress, serve.peak_rss_kb)
         threads = [threading.Thread(target=edits.client, name=f"client-{c}") for c in range(cfg.clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        res["edit_phase_s"] = time.perf_counter() - started
+        res["edit_phase_s"] = edits.elapsed()
+        if len(edits.rows) < len(facts):  # stopped by max_posts: the journal and progress wait for a resume
+            log.info("stopped after %d of %d facts (max_posts %s); run again with the same directory to resume",
+                     len(edits.rows), len(facts), cfg.max_posts)
+            http.close()
+            return {**res, "stopped": True, "posted": len(edits.rows),
+                    "accepted": sum("edit_id" in x for x in edits.rows)}
         rows = sorted(edits.rows, key=lambda x: x.get("version", 10**9))
         res["timeline"] = edits.timeline
         accepted = [x for x in rows if "edit_id" in x]
@@ -358,13 +460,17 @@ def measure(cfg: RunConfig) -> dict[str, Any]:
         res["success_at_ack"] = sum(bool(x["success"]) for x in accepted) / k if k else float("nan")
         # 5. roll back random accepted edits
         chosen = random.Random(cfg.seed).sample(range(k), min(cfg.rollbacks, k))
-        times = []
+        times = progress.state.setdefault("rollback_s", {})  # edit_id -> seconds, kept across a resume
         for j in chosen:
+            edit_id = accepted[j]["edit_id"]
+            if edit_id in times:
+                continue
             t0 = time.perf_counter()
-            r = http.post("/rollback", json={"edit_id": accepted[j]["edit_id"]})
-            times.append(time.perf_counter() - t0)
+            r = http.post("/rollback", json={"edit_id": edit_id})
+            times[edit_id] = time.perf_counter() - t0
             r.raise_for_status()
-        res["rollback_s"] = times
+            progress.save()
+        res["rollback_s"] = [times[accepted[j]["edit_id"]] for j in chosen]
         res["retried"] = dict(RETRIED)
         after = ask(http, [f.prompt for f in acc_facts], cfg.answer_tokens)
         gone = set(chosen)
@@ -383,7 +489,7 @@ def measure(cfg: RunConfig) -> dict[str, Any]:
                           "end_neighbour_short": short, "after_rollbacks": after}
         ready = http.get("/health/ready").json()
         res["sha256"], res["version"], res["active_edits"] = ready["sha256"], ready["version"], ready["active_edits"]
-        res["peak_rss_kb"] = serve.peak_rss_kb()
+        res["peak_rss_kb"] = max(serve.peak_rss_kb(), progress.state.get("peak_rss_kb", 0))
         http.close()
     finally:
         serve.stop()
@@ -400,6 +506,7 @@ def measure(cfg: RunConfig) -> dict[str, Any]:
         res["restart_peak_rss_kb"] = serve.peak_rss_kb()
     finally:
         serve.stop()
+    progress.save(finished=True)
     return res
 
 
@@ -456,7 +563,7 @@ def to_figure(res: dict[str, Any], fp32_bytes: int | None, full_n: int = DEFAULT
     k = len(acc)
     refused = ", ".join(f"{c} x {r}" for r, c in sorted(res["refused"].items())) or "none"
     srv = [x["server_ms"] for x in acc]
-    cli = [x["client_ms"] for x in acc]
+    cli = [x["client_ms"] for x in acc if x["client_ms"] == x["client_ms"]]  # not the recovered (NaN) ones
     rb = res["rollback_s"]
     rss_mib = res["peak_rss_kb"] / 1024
     fig.rows = [
@@ -539,6 +646,12 @@ def to_figure(res: dict[str, Any], fp32_bytes: int | None, full_n: int = DEFAULT
             f"sha256 {'equal' if res['restart_sha256'] == res['sha256'] else 'DIFFERENT'}, "
             f"{res['same_answers_after_restart']} of {k} answers equal",
             res["restart_sha256"] == res["sha256"] and res["same_answers_after_restart"] == k)
+    runs = res.get("runs") or []
+    if len(runs) > 1:
+        fig.notes.append(f"resumed: the run was stopped and continued {len(runs) - 1} time(s) on the same journal "
+                         "(`--corrections-dir`); ready with the edits so far: "
+                         + ", ".join(f"{r['ready_s']:.1f} s at {r['active_edits']}" for r in runs[1:])
+                         + "; peak RSS is the highest sampled over every run")
     fig.notes += [
         f"method: {res.get('method') or res.get('default_method')} (service default when none is named); canary guard "
         f"{'on' if res['canary_guard'] else 'off'}; {n} counterfact-val records with a subject, a rephrase and a "
@@ -559,10 +672,18 @@ def run(ctx) -> Figure:
     n = ctx.cache.get("corrections") or (QUICK_N if ctx.quick else DEFAULT_N)
     if ctx.data_path is None or not ctx.data_path.is_file():
         return Figure(NAME, TITLE, skipped=f"no data file ({ctx.data_path}); needs CounterFact records")
-    cfg = RunConfig(n=n, data=ctx.data_path, workdir=ctx.workdir / "corrections", model=ctx.model_spec,
-                    torch_threads=ctx.torch_threads, method=ctx.cache.get("corrections_method"),
-                    canary_guard=ctx.cache.get("corrections_canary_guard", True))
+    keep = ctx.cache.get("corrections_dir")
+    cfg = RunConfig(n=n, data=ctx.data_path, workdir=Path(keep) if keep else ctx.workdir / "corrections",
+                    model=ctx.model_spec, torch_threads=ctx.torch_threads, method=ctx.cache.get("corrections_method"),
+                    canary_guard=ctx.cache.get("corrections_canary_guard", True), keep_progress=bool(keep),
+                    max_posts=ctx.cache.get("corrections_max_posts"))
+    if cfg.max_posts is not None and not keep:
+        return Figure(NAME, TITLE, skipped="--corrections-max-posts needs --corrections-dir (where the run waits)")
     res = measure(cfg)
+    if res.get("stopped"):
+        return Figure(NAME, TITLE, skipped=f"stopped after {res['posted']} of {n} facts ({res['accepted']} accepted) "
+                                           f"by --corrections-max-posts; run again with --corrections-dir {keep} "
+                                           "to resume")
     out_dir = Path(ctx.cache.get("report_dir") or ctx.workdir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "corrections.json").write_text(json.dumps(res, indent=1, default=str))

@@ -40,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="EasyEdit CounterFact file (records to edit)")
     p.add_argument("--corrections", type=int, default=None, metavar="N",
                    help="corrections posted by the corrections figure (default 1000; 12 with --quick)")
+    p.add_argument("--corrections-dir", default=None, metavar="DIR",
+                   help="keep the corrections run (journal, progress) in DIR; run again with the same DIR to "
+                        "resume a stopped run")
+    p.add_argument("--corrections-max-posts", type=int, default=None, metavar="K",
+                   help="post at most K facts in this invocation, then stop; with --corrections-dir, a later run "
+                        "resumes (splits a long acceptance run over several sittings)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads in the benchmark and the served processes (default 1, see BENCHMARKS.md)")
 
 
@@ -139,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
     ctx.cache["report_dir"] = out.parent  # where figures that draw a plot save it
     if getattr(args, "corrections", None):
         ctx.cache["corrections"] = args.corrections
+    if getattr(args, "corrections_dir", None):
+        ctx.cache["corrections_dir"] = args.corrections_dir
+    if getattr(args, "corrections_max_posts", None) is not None:
+        ctx.cache["corrections_max_posts"] = args.corrections_max_posts
     try:
         info = machine_info()
         figures = run_figures(ctx, names)
