@@ -32,6 +32,7 @@ from typing import Any
 import redis
 import torch
 
+from editor_core.allocator import pin_mmap_threshold
 from editor_core.stack import EditStack
 from service.engine import EditEngine
 from service.journal import Journal
@@ -181,6 +182,7 @@ class Runtime:
                 self._watch_embedded()
             self.client.ping()
             self._phase("loading")
+            pin_mmap_threshold(s.malloc_mmap_threshold)  # before the model's tensors are allocated
             if s.torch_threads:
                 torch.set_num_threads(s.torch_threads)
             loaded = self.loader(s)

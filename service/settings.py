@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
     model_cache: Path | None = Field(None, description="where converted GGUF models are cached (default ~/.cache/mend-service/models)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    malloc_mmap_threshold: int = Field(
+        131072, ge=0, description="bytes: pin glibc's mmap threshold so the resident set does not grow with every "
+        "edit (editor_core/allocator.py); 0 = glibc's dynamic default")
     editor_dir: Path | None = Field(
         None, description="trained MEND editor directory (default: the one shipped for the model, if any)"
     )

@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--stages: unknown {unknown}; known: {sorted(known)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from editor_core.allocator import pin_mmap_threshold
+
+    pin_mmap_threshold()  # a long stacked run otherwise grows by megabytes an edit
     CACHE.mkdir(parents=True, exist_ok=True)
     if not args.render:
         for s in [known[w] for w in wanted] if wanted else all_stages:
