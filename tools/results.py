@@ -135,11 +135,16 @@ def latency(model, tok, stack, editors: dict, records) -> dict:
         for i, r in enumerate(records):
             req = r.to_request()
             batch = build_batch(tok, [req.prompt], [req.target])
+            frozen = [p for p in model.parameters() if not p.requires_grad]  # the loaded model is frozen
+            for p in frozen:
+                p.requires_grad_(True)
             t0 = time.perf_counter()
             loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
             loss.backward()
             fb_ms.append((time.perf_counter() - t0) * 1000.0)
             model.zero_grad(set_to_none=True)
+            for p in frozen:
+                p.requires_grad_(False)
             t0 = time.perf_counter()
             delta = editor.compute_delta(model, tok, [req])
             stack.apply(f"latency-{method}-{i}", delta)
