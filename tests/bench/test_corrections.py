@@ -66,6 +66,8 @@ def test_a_stopped_run_resumes_on_the_same_journal_without_posting_a_fact_twice(
     assert [r["active_edits"] for r in res["runs"]] == [0, 4]  # the second run replayed the first one's edits
     assert res["version"] == 10 + 3 and res["active_edits"] == 7  # 10 edits journaled, not 14; 3 rolled back
     assert res["restart_sha256"] == res["sha256"] and res["same_answers_after_restart"] == 10
+    assert any(note.startswith("resumed: the run was stopped and continued 1 time") for note in
+               to_figure(res, fp32_bytes=10**6).notes)
     with pytest.raises(RuntimeError, match="has finished"):
         measure(config(None))
 
