@@ -124,10 +124,7 @@ def latency(model, tok, stack, editors: dict, records) -> dict:
     the same request (prompt + target, loss on the target, gradients of every weight), interleaved so both
     see the same machine load. Milliseconds: {method: {"edit": {...}, "fwd_bwd": {...}}}."""
     from editor_core.batching import build_batch
-
-    def summary(ms: list[float]) -> dict:
-        ms = sorted(ms)
-        return {"median": ms[len(ms) // 2], "p95": ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))], "n": len(ms)}
+    from editor_core.evaluate import timing_summary
 
     out = {}
     for method, editor in editors.items():
@@ -150,7 +147,7 @@ def latency(model, tok, stack, editors: dict, records) -> dict:
             stack.apply(f"latency-{method}-{i}", delta)
             edit_ms.append((time.perf_counter() - t0) * 1000.0)
             stack.revert(f"latency-{method}-{i}")
-        out[method] = {"edit": summary(edit_ms), "fwd_bwd": summary(fb_ms)}
+        out[method] = {"edit": timing_summary(edit_ms), "fwd_bwd": timing_summary(fb_ms)}
         log.info("latency %s: edit p50 %.0f ms, forward+backward p50 %.0f ms", method, out[method]["edit"]["median"],
                  out[method]["fwd_bwd"]["median"])
     return out
