@@ -45,7 +45,7 @@ class MendEditor:
         """Identity-initialised editor: its edit is a plain gradient step of size ``init_lr``."""
         config = config or MendConfig()
         targets = _stack_targets(stack, config)
-        nets = MendNets(targets, config.rank, config.n_blocks, config.init_lr)
+        nets = MendNets(targets, config.rank, config.n_blocks, config.init_lr).to(_device_of(stack.model))
         return cls(nets, config, targets, stack.fingerprint, editor_id="untrained")
 
     @classmethod
@@ -67,6 +67,7 @@ class MendEditor:
             )
         nets = MendNets(targets, ckpt.config.rank, ckpt.config.n_blocks, ckpt.config.init_lr)
         nets.load_state_dict(ckpt.state)
+        nets.to(_device_of(stack.model))  # the checkpoint loads on the CPU; the factors come from the model's device
         editor_id = ckpt.info.get("editor_id", Path(path).name)
         log.info("loaded MEND editor %s (%d targets) from %s", editor_id, len(targets), path)
         return cls(nets, ckpt.config, targets, stack.fingerprint, editor_id=editor_id)

@@ -115,12 +115,18 @@ class LocateEditor:
             raise ValueError(f"{method}: targets {absent} are not covered by the edit stack")
         self.fingerprint = stack.fingerprint
         ridge = self.config.ridge
-        self._moments = {t.name: _ridged(stats.moments[t.block], ridge) for t in self.targets}  # (d_in, d_in)
-        # method-specific precomputation, from the statistics only (never from edits)
-        self._c_inv = ({t.name: torch.linalg.inv(self._moments[t.name].double()).float() for t in self.targets}
-                       if method in ("rome", "memit") else {})
-        self._null_basis = ({t.name: null_space_basis(stats.moments[t.block], self.config.null_dims)
-                             for t in self.targets} if method == "alphaedit" else {})
+        moments = {t.name: _ridged(stats.moments[t.block], ridge) for t in self.targets}  # (d_in, d_in)
+        # method-specific precomputation, from the statistics only (never from edits), done on the CPU
+        # where the statistics load (the same basis on every device), then kept on the model's device,
+        # where the keys of each edit are computed
+        c_inv = ({t.name: torch.linalg.inv(moments[t.name].double()).float() for t in self.targets}
+                 if method in ("rome", "memit") else {})
+        null_basis = ({t.name: null_space_basis(stats.moments[t.block], self.config.null_dims)
+                       for t in self.targets} if method == "alphaedit" else {})
+        device = _device_of(stack.model)
+        self._moments = {n: m.to(device) for n, m in moments.items()}
+        self._c_inv = {n: m.to(device) for n, m in c_inv.items()}
+        self._null_basis = {n: b.to(device) for n, b in null_basis.items()}
         # AlphaEdit's Gram matrix of earlier edits' keys in null-space coordinates, memoised per target
         # under the exact list of active edit ids it sums (recomputed whenever that list is not a prefix
         # of the current one): a function of the active edits, never state that outlives them
@@ -159,14 +165,14 @@ class LocateEditor:
         if self.method == "memit":
             # (lam C + K^T K)^-1 K^T = C^-1 K^T (lam I + K C^-1 K^T)^-1: an (n, n) solve instead of (d, d)
             c_inv_k = self._c_inv[name] @ k.t()  # (d_in, n)
-            small = self.config.memit_lambda * torch.eye(k.shape[0]) + k @ c_inv_k  # (n, n)
+            small = self.config.memit_lambda * torch.eye(k.shape[0], device=k.device) + k @ c_inv_k  # (n, n)
             return torch.linalg.solve(small.double(), c_inv_k.t().double()).float()  # (n, d_in); small symmetric
         # AlphaEdit. The solution X = dW^T lies in the null space B (d_in, m), so with X = B Y the system
         # (P S + lam I) X = P K^T R becomes (B^T S B + lam I) Y = (K B)^T R: SPD, m x m, one Cholesky.
         basis = self._null_basis[name]  # (d_in, m)
         kb = k @ basis  # (n, m)
         lam = self.config.alphaedit_lambda * float(self._moments[name].trace())
-        g = self.earlier_gram(name) + kb.t() @ kb + lam * torch.eye(basis.shape[1])  # (m, m)
+        g = self.earlier_gram(name) + kb.t() @ kb + lam * torch.eye(basis.shape[1], device=basis.device)  # (m, m)
         chol = torch.linalg.cholesky(g.double())
         z = torch.cholesky_solve(kb.t().double(), chol).float()  # (m, n)
         return (basis @ z).t().contiguous()  # (n, d_in)
@@ -176,7 +182,8 @@ class LocateEditor:
         d_in = self.stack.targets[name].d_in
         found = [self.stack.delta_of(i).keys[name] for i in self.stack.active_ids
                  if name in self.stack.delta_of(i).keys]
-        return torch.cat([k.float() for k in found]) if found else torch.zeros(0, d_in)
+        device = _device_of(self.stack.model)  # a replayed delta's keys are on the CPU, a new one's on the device
+        return torch.cat([k.float().to(device) for k in found]) if found else torch.zeros(0, d_in, device=device)
 
     def earlier_gram(self, name: str) -> torch.Tensor:
         """(m, m) sum over active edits of (K B)^T (K B) at ``name``, in journal order."""
@@ -184,10 +191,11 @@ class LocateEditor:
         basis = self._null_basis[name]
         known, gram = self._gram.get(name, ((), None))
         if gram is None or ids[: len(known)] != known:
-            known, gram = (), torch.zeros(basis.shape[1], basis.shape[1])
+            known, gram = (), torch.zeros(basis.shape[1], basis.shape[1], device=basis.device)
         gram = gram.clone()
         for i in ids[len(known):]:
-            kb = self.stack.delta_of(i).keys[name].float() @ basis  # (r, m)
+            # a replayed delta's keys are on the CPU, a new one's on the model's device
+            kb = self.stack.delta_of(i).keys[name].float().to(basis.device) @ basis  # (r, m)
             gram += kb.t() @ kb
         self._gram[name] = (ids, gram)
         return gram
@@ -195,4 +203,8 @@ class LocateEditor:
 
 def _ridged(c: torch.Tensor, ridge: float) -> torch.Tensor:
     c = c.float()
-    return c + ridge * c.diagonal().mean() * torch.eye(c.shape[0])
+    return c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], device=c.device)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -52,3 +52,17 @@ def test_editor_loads_into_a_stack_that_also_covers_locate_targets(tiny_llama, t
     loaded = MendEditor.load(tmp_path, wide)
     assert [t.name for t in loaded.targets] == list(own.targets)  # its own targets, not the extra layers
     assert loaded.fingerprint == wide.fingerprint  # its deltas fit the wide stack
+
+
+def test_loaded_editor_nets_sit_on_the_models_device(tiny_llama, tmp_path, monkeypatch):
+    """A checkpoint loads on the CPU, but the factors come from the model's device: the nets must follow
+    it (on CUDA `mend check-gpu` found them left on the CPU: 'Expected all tensors to be on the same
+    device'). No second device here, so the model's device is reported as 'meta'."""
+    import editor_core.editor as editor_module
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    editor = MendEditor.untrained(stack, MendConfig(rank=4, targets=list(stack.targets)))
+    checkpoint.save(tmp_path, editor.config, editor.nets.state_dict(), {"model_fingerprint": stack.fingerprint})
+    monkeypatch.setattr(editor_module, "_device_of", lambda model: torch.device("meta"))
+    for made in (MendEditor.load(tmp_path, stack), MendEditor.untrained(stack, MendConfig(rank=4))):
+        assert {t.device.type for t in made.nets.state_dict().values()} == {"meta"}

@@ -189,3 +189,23 @@ def test_same_fact_corrected_twice_later_wins_and_rollback_restores_the_earlier(
     assert top1() == [0.0, 1.0]  # ... and still the later correction wins
     stack.revert("second")
     assert top1() == [1.0, 0.0]  # the earlier correction, not the base answer
+
+
+def test_statistics_and_earlier_keys_sit_on_the_models_device(setup, facts, monkeypatch):
+    """The statistics load on the CPU, the keys of an edit are computed on the model's device, and a
+    replayed delta's keys come back on the CPU: everything a solve combines must be on the model's
+    device (on CUDA `mend check-gpu` found them mixed). No second device here, so the model's device
+    is reported as 'meta' once the edits are made."""
+    import editor_core.methods.locate as locate_module
+
+    model, tok, stack, stats = setup
+    editor = LocateEditor("alphaedit", stack, stats, config(d_in(stack)))
+    stack.apply("A", editor.compute_delta(model, tok, [request(facts[0])]))  # keys on the CPU, as replayed
+    monkeypatch.setattr(locate_module, "_device_of", lambda m: torch.device("meta"))
+    name = editor.targets[0].name
+    assert editor.earlier_keys(name).device.type == "meta"
+    for method in ("rome", "memit", "alphaedit"):
+        ed = LocateEditor(method, stack, stats, config(d_in(stack)))
+        held = [*ed._moments.values(), *ed._c_inv.values(), *ed._null_basis.values()]
+        assert len(held) > len(ed.targets) and {t.device.type for t in held} == {"meta"}
+    assert ed.earlier_gram(name).device.type == "meta"
