@@ -60,7 +60,7 @@ class KeyStats:
         """Write as safetensors (``dtype`` storage) with JSON metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"C.{layer}": c.to(dtype).contiguous() for layer, c in self.moments.items()}
+        tensors = {f"C.{layer}": _stored(layer, c, dtype) for layer, c in self.moments.items()}
         meta = {"tokens": str(self.tokens), "corpus": self.corpus, "fingerprint": self.fingerprint,
                 "extra": json.dumps(self.extra, sort_keys=True)}
         if self.weights_fingerprint:
@@ -94,6 +94,20 @@ class KeyStats:
         moments = {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items() if k.startswith("C.")}
         return cls(moments, int(meta.get("tokens", 0)), meta.get("corpus", ""), meta.get("fingerprint", ""),
                    json.loads(meta.get("extra", "{}")), meta.get("weights_fingerprint", ""))
+
+
+def _stored(layer: int, moment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``moment`` cast to ``dtype`` for storage, or kept fp32 where the cast would overflow.
+
+    Some layers carry "massive activations" (a few key coordinates in the hundreds on some tokens),
+    so E[k k^T] can exceed fp16's 65,504; an infinite moment would break every solve made from it.
+    """
+    cast = moment.to(dtype)
+    if torch.isfinite(cast).all():
+        return cast.contiguous()
+    log.warning("layer %d: the second moment reaches %.3g, beyond %s; stored as float32", layer,
+                float(moment.abs().max()), dtype)
+    return moment.float().contiguous()
 
 
 def find_stats_dir(model_spec: str, explicit: str | Path | None = None) -> Path | None:
