@@ -19,6 +19,7 @@ an edit back, replaying the journal or restarting gives the state that never saw
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
@@ -59,6 +60,11 @@ class LocateConfig:
     # f / (f + alphaedit_lambda) of its residual (before the earlier edits' term)
     alphaedit_lambda: float = 0.01
     null_dims: int = 1024  # dimensions of the preserved keys' null space AlphaEdit may write into
+    # AlphaEdit's layers dealt into this many interleaved groups (group g = layers[g::groups]); each
+    # fact is written into one group, chosen from its subject, so each layer holds the keys of about
+    # 1/groups of the facts: every fact takes one direction of a layer's null space, and that space
+    # (null_dims wide) is what runs out in long stacks
+    alphaedit_groups: int = 1
     ridge: float = 1e-4  # times mean(diag C), added to C before inverting it
     value: ValueConfig = field(default_factory=ValueConfig)
 
@@ -105,11 +111,16 @@ class LocateEditor:
         self.stack = stack
         self.config = config or LocateConfig()
         layers = self.config.layers(method)
+        n_groups = self.config.alphaedit_groups if method == "alphaedit" else 1
+        if not 1 <= n_groups <= len(layers):
+            raise ValueError(f"alphaedit_groups must be between 1 and the number of layers ({len(layers)}), "
+                             f"not {n_groups}")
         missing = [layer for layer in layers if layer not in stats.moments]
         if missing:
             raise ValueError(f"the key statistics have no layers {missing} (they have {stats.layers}): "
                              "run `mend stats` for them")
         self.targets: list[Target] = out_proj_targets(stack.model, layers)
+        self.groups: list[list[Target]] = [self.targets[g::n_groups] for g in range(n_groups)]
         absent = [t.name for t in self.targets if t.name not in stack.targets]
         if absent:
             raise ValueError(f"{method}: targets {absent} are not covered by the edit stack")
@@ -134,25 +145,41 @@ class LocateEditor:
 
     # ---- the Editor protocol -------------------------------------------------------------------
     def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
-        """Values at the last layer, then one closed-form solve per layer, lowest first."""
+        """Per layer group: values at its last layer, then one closed-form solve per layer, lowest first.
+
+        With one group (every method but a grouped AlphaEdit) that is all the requests over all the layers.
+        Groups are solved one after another, each on the model with the groups before it applied.
+        """
         if not requests:
             raise ValueError("no edit requests")
         check_subjects(requests, self.method)
         cfg = self.config
-        last = self.targets[-1].block
-        values = optimise_values(model, tokenizer, requests, last, cfg.value)
         solved: dict[str, tuple[Target, LowRankUpdate]] = {}
         keys: dict[str, torch.Tensor] = {}
-        for i, target in enumerate(self.targets):
+        steps, nlls = [], []
+        for targets, reqs in self.by_group(requests):
+            last = targets[-1].block
             with added_updates(model, solved):
-                k, state = keys_and_states(model, tokenizer, requests, target, last, cfg.value.prefixes)
-            resid = (values.z - state) / (len(self.targets) - i)  # (n, d_out)
-            w = self._solve(target, k)  # (n, d_in)
-            solved[target.name] = (target, LowRankUpdate(u=resid.float(), v=w.float()))
-            keys[target.name] = k.float()
-        meta = {"method": self.method, "n_requests": str(len(requests)), "value_steps": str(values.steps),
-                "value_nll": f"{values.nll:.4f}", "layers": ",".join(str(t.block) for t in self.targets)}
+                values = optimise_values(model, tokenizer, reqs, last, cfg.value)
+            for i, target in enumerate(targets):
+                with added_updates(model, solved):
+                    k, state = keys_and_states(model, tokenizer, reqs, target, last, cfg.value.prefixes)
+                resid = (values.z - state) / (len(targets) - i)  # (n, d_out)
+                w = self._solve(target, k)  # (n, d_in)
+                solved[target.name] = (target, LowRankUpdate(u=resid.float(), v=w.float()))
+                keys[target.name] = k.float()
+            steps.append(str(values.steps))
+            nlls.append(f"{values.nll:.4f}")
+        meta = {"method": self.method, "n_requests": str(len(requests)), "value_steps": ",".join(steps),
+                "value_nll": ",".join(nlls), "layers": ",".join(str(t.block) for t, _ in solved.values())}
         return EditDelta({n: u for n, (_, u) in solved.items()}, self.fingerprint, meta, keys=keys)
+
+    def by_group(self, requests: list[EditRequest]) -> list[tuple[list[Target], list[EditRequest]]]:
+        """The requests dealt to their layer groups (groups without requests left out), in group order."""
+        dealt: dict[int, list[EditRequest]] = {}
+        for r in requests:
+            dealt.setdefault(group_of(r.subject, len(self.groups)), []).append(r)
+        return [(self.groups[g], dealt[g]) for g in sorted(dealt)]
 
     # ---- solves --------------------------------------------------------------------------------
     def _solve(self, target: Target, k: torch.Tensor) -> torch.Tensor:
@@ -199,6 +226,16 @@ class LocateEditor:
             gram += kb.t() @ kb
         self._gram[name] = (ids, gram)
         return gram
+
+
+def group_of(subject: str | None, n_groups: int) -> int:
+    """The layer group a fact about ``subject`` is written into: a stable hash of the subject (case and
+    surrounding spaces ignored), so every correction of one subject lands in the same layers on every
+    instance and after every restart."""
+    if n_groups == 1:
+        return 0
+    digest = hashlib.sha256((subject or "").strip().lower().encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n_groups
 
 
 def _ridged(c: torch.Tensor, ridge: float) -> torch.Tensor:

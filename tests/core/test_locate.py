@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from editor_core.delta import EditDelta
-from editor_core.methods.locate import LocateConfig, LocateEditor
+from editor_core.methods.locate import LocateConfig, LocateEditor, group_of
 from editor_core.methods.values import SubjectError, ValueConfig
 from editor_core.requests import EditRequest
 from editor_core.scoring import score_targets
@@ -209,3 +209,36 @@ def test_statistics_and_earlier_keys_sit_on_the_models_device(setup, facts, monk
         held = [*ed._moments.values(), *ed._c_inv.values(), *ed._null_basis.values()]
         assert len(held) > len(ed.targets) and {t.device.type for t in held} == {"meta"}
     assert ed.earlier_gram(name).device.type == "meta"
+
+def test_grouped_alphaedit_writes_each_fact_into_its_subjects_layer_group(setup, facts):
+    model, tok, stack, stats = setup
+    cfg = config(d_in(stack))
+    cfg.alphaedit_groups = 2  # layers [1, 2] dealt into groups [1] and [2]
+    editor = LocateEditor("alphaedit", stack, stats, cfg)
+    by_group = {}
+    for f in facts:
+        by_group.setdefault(group_of(f["subject"], 2), f)
+    assert set(by_group) == {0, 1}, "the fixture's subjects should fall into both groups"
+    assert group_of(f"  {by_group[0]['subject'].upper()} ", 2) == 0  # case and spaces do not move a subject
+    names = [t.name for t in editor.targets]
+    reqs = []
+    for g, fact in sorted(by_group.items()):
+        req = request(fact, g)
+        reqs.append(req)
+        delta = editor.compute_delta(model, tok, [req])
+        assert set(delta.updates) == {names[g]} and set(delta.keys) == {names[g]}
+        stack.apply(f"g{g}", delta)
+        assert score_targets(model, tok, [req.prompt], [req.target])[0].token_acc == 1.0
+        stack.revert(f"g{g}")
+    both = editor.compute_delta(model, tok, reqs)  # one call with a fact for each group: both layers, rank one each
+    assert set(both.updates) == set(names) and all(u.rank == 1 for u in both.updates.values())
+    stack.apply("both", both)
+    assert all(s.token_acc == 1.0 for s in score_targets(model, tok, [r.prompt for r in reqs], [r.target for r in reqs]))
+
+
+def test_alphaedit_groups_must_fit_the_layers(setup):
+    _, _, stack, stats = setup
+    cfg = config(d_in(stack))
+    cfg.alphaedit_groups = 3
+    with pytest.raises(ValueError, match="alphaedit_groups"):
+        LocateEditor("alphaedit", stack, stats, cfg)
