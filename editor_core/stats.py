@@ -4,8 +4,10 @@ The locate-then-edit methods (ROME, MEMIT, AlphaEdit) weight an edit's key by th
 that the update changes the layer's output as little as possible for the keys the model already
 uses. ``k`` is the input of ``down_proj`` (``c_proj`` for GPT-2, ``fc_out`` for GPT-J) at one token.
 
-A :class:`KeyStats` is one safetensors file: ``C.<layer>`` (d_in, d_in) per layer, uncentred second
-moment (mean over tokens, fp32 in memory; stored fp16 to keep the shipped file small), with the
+A :class:`KeyStats` is one safetensors file: ``U.<layer>``, the upper triangle (row by row, diagonal
+included) of the (d_in, d_in) uncentred second moment of each layer (mean over tokens, fp32 in
+memory; stored fp16 where it fits, to keep the shipped file small; the moment is symmetric, so half
+of it is all there is to store; files written before hold the full matrix as ``C.<layer>``), with the
 model fingerprint (exact, and bf16-rounded so a bf16 load of the same model accepts them), the token
 count and a description of the corpus in the metadata.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +63,7 @@ class KeyStats:
         """Write as safetensors (``dtype`` storage) with JSON metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"C.{layer}": _stored(layer, c, dtype) for layer, c in self.moments.items()}
+        tensors = {f"U.{layer}": _stored(layer, _upper(c), dtype) for layer, c in self.moments.items()}
         meta = {"tokens": str(self.tokens), "corpus": self.corpus, "fingerprint": self.fingerprint,
                 "extra": json.dumps(self.extra, sort_keys=True)}
         if self.weights_fingerprint:
@@ -92,8 +95,26 @@ class KeyStats:
                              f"({meta.get('fingerprint', '?')[:12]}..., this one is {mine[:12]}...)")
         tensors = load_file(str(path))
         moments = {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items() if k.startswith("C.")}
+        moments.update({int(k.split(".", 1)[1]): _from_upper(v.float()) for k, v in tensors.items()
+                        if k.startswith("U.")})
         return cls(moments, int(meta.get("tokens", 0)), meta.get("corpus", ""), meta.get("fingerprint", ""),
                    json.loads(meta.get("extra", "{}")), meta.get("weights_fingerprint", ""))
+
+
+def _upper(c: torch.Tensor) -> torch.Tensor:
+    """(d*(d+1)/2,) the upper triangle of the symmetric (d, d) ``c``, row by row."""
+    rows, cols = torch.triu_indices(c.shape[0], c.shape[0])
+    return c[rows, cols]
+
+
+def _from_upper(packed: torch.Tensor) -> torch.Tensor:
+    """(d, d) the symmetric matrix whose upper triangle :func:`_upper` packed."""
+    d = int((math.isqrt(8 * packed.numel() + 1) - 1) // 2)
+    rows, cols = torch.triu_indices(d, d)
+    c = torch.zeros(d, d, dtype=packed.dtype)
+    c[rows, cols] = packed
+    c[cols, rows] = packed
+    return c
 
 
 def _stored(layer: int, moment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
