@@ -12,6 +12,9 @@ remaining residual ``R`` (n, d_out) at its keys ``K`` (n, d_in):
   (the statistics) and kept off the keys of every edit still active at that layer, ``K_p``:
   ``dW^T = (P (K_p^T K_p + K^T K) + lam I)^-1 P K^T R`` (Fang et al. 2025), ``lam`` relative to trace(C).
 
+With ``alphaedit_groups`` > 1, AlphaEdit deals its layers into interleaved groups and writes each fact
+into the group its subject hashes to (:func:`group_of`), with the same steps over that group's layers.
+
 Every solve is returned as exact factors ``u = R``, ``v = W`` (n rows each), and the keys ``K`` ride in
 the delta, so AlphaEdit's memory of earlier edits is read from the stack's *active* deltas: rolling
 an edit back, replaying the journal or restarting gives the state that never saw it, by construction.
@@ -62,8 +65,9 @@ class LocateConfig:
     null_dims: int = 1024  # dimensions of the preserved keys' null space AlphaEdit may write into
     # AlphaEdit's layers dealt into this many interleaved groups (group g = layers[g::groups]); each
     # fact is written into one group, chosen from its subject, so each layer holds the keys of about
-    # 1/groups of the facts: every fact takes one direction of a layer's null space, and that space
-    # (null_dims wide) is what runs out in long stacks
+    # 1/groups of the facts. Every fact takes one direction of a layer's null_dims-wide null space, so
+    # groups delay its filling up; but each fact then spreads over fewer layers and leaks more (README,
+    # "Levers tried": 2 groups lose to 1 up to 300 stacked edits), hence the default of one group
     alphaedit_groups: int = 1
     ridge: float = 1e-4  # times mean(diag C), added to C before inverting it
     value: ValueConfig = field(default_factory=ValueConfig)
