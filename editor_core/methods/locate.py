@@ -67,7 +67,7 @@ class LocateConfig:
     # fact is written into one group, chosen from its subject, so each layer holds the keys of about
     # 1/groups of the facts. Every fact takes one direction of a layer's null_dims-wide null space, so
     # groups delay its filling up; but each fact then spreads over fewer layers and leaks more (README,
-    # "Levers tried": 2 groups lose to 1 up to 300 stacked edits), hence the default of one group
+    # "Levers tried": 2 groups lose to 1 at 100, 300 and 600 stacked edits), hence the default of one group
     alphaedit_groups: int = 1
     ridge: float = 1e-4  # times mean(diag C), added to C before inverting it
     value: ValueConfig = field(default_factory=ValueConfig)
