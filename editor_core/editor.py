@@ -14,6 +14,7 @@ from editor_core.config import MendConfig
 from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.fingerprint import model_fingerprint, weights_fingerprint
 from editor_core.grads import TokenFactors, capture_factors
+from editor_core.models import device_of
 from editor_core.nets import MendNets
 from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
@@ -45,7 +46,7 @@ class MendEditor:
         """Identity-initialised editor: its edit is a plain gradient step of size ``init_lr``."""
         config = config or MendConfig()
         targets = _stack_targets(stack, config)
-        nets = MendNets(targets, config.rank, config.n_blocks, config.init_lr).to(_device_of(stack.model))
+        nets = MendNets(targets, config.rank, config.n_blocks, config.init_lr).to(device_of(stack.model))
         return cls(nets, config, targets, stack.fingerprint, editor_id="untrained")
 
     @classmethod
@@ -67,7 +68,7 @@ class MendEditor:
             )
         nets = MendNets(targets, ckpt.config.rank, ckpt.config.n_blocks, ckpt.config.init_lr)
         nets.load_state_dict(ckpt.state)
-        nets.to(_device_of(stack.model))  # the checkpoint loads on the CPU; the factors come from the model's device
+        nets.to(device_of(stack.model))  # the checkpoint loads on the CPU; the factors come from the model's device
         editor_id = ckpt.info.get("editor_id", Path(path).name)
         log.info("loaded MEND editor %s (%d targets) from %s", editor_id, len(targets), path)
         return cls(nets, ckpt.config, targets, stack.fingerprint, editor_id=editor_id)
@@ -94,7 +95,7 @@ class MendEditor:
         batch = build_batch(
             tokenizer, [r.prompt for r in requests], [r.target for r in requests], self.config.max_len,
             subjects=self.factor_subjects([r.subject for r in requests]),
-        ).to(_device_of(model))
+        ).to(device_of(model))
         factors = capture_factors(model, self.targets, batch)  # output layer at target positions only
         with torch.no_grad():
             updates = self.updates_from_factors(factors)
@@ -111,7 +112,3 @@ def _stack_targets(stack: EditStack, config: MendConfig) -> list[Target]:
     if unknown:
         raise ValueError(f"editor targets {unknown} are not in the edit stack")
     return [stack.targets[n] for n in names]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

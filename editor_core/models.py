@@ -60,6 +60,11 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "mend-service" / "models"
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device a model's weights sit on (where an edit's keys and gradients are computed)."""
+    return next(model.parameters()).device
+
+
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` -> ``torch.bfloat16`` (likewise fp16, fp32)."""
     if isinstance(dtype, torch.dtype):

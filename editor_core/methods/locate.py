@@ -39,6 +39,7 @@ from editor_core.methods.values import (
     keys_and_states,
     optimise_values,
 )
+from editor_core.models import device_of
 from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
 from editor_core.stats import KeyStats, null_space_basis
@@ -138,7 +139,7 @@ class LocateEditor:
                  if method in ("rome", "memit") else {})
         null_basis = ({t.name: null_space_basis(stats.moments[t.block], self.config.null_dims)
                        for t in self.targets} if method == "alphaedit" else {})
-        device = _device_of(stack.model)
+        device = device_of(stack.model)
         self._moments = {n: m.to(device) for n, m in moments.items()}
         self._c_inv = {n: m.to(device) for n, m in c_inv.items()}
         self._null_basis = {n: b.to(device) for n, b in null_basis.items()}
@@ -213,7 +214,7 @@ class LocateEditor:
         d_in = self.stack.targets[name].d_in
         found = [self.stack.delta_of(i).keys[name] for i in self.stack.active_ids
                  if name in self.stack.delta_of(i).keys]
-        device = _device_of(self.stack.model)  # a replayed delta's keys are on the CPU, a new one's on the device
+        device = device_of(self.stack.model)  # a replayed delta's keys are on the CPU, a new one's on the device
         return torch.cat([k.float().to(device) for k in found]) if found else torch.zeros(0, d_in, device=device)
 
     def earlier_gram(self, name: str) -> torch.Tensor:
@@ -245,7 +246,3 @@ def group_of(subject: str | None, n_groups: int) -> int:
 def _ridged(c: torch.Tensor, ridge: float) -> torch.Tensor:
     c = c.float()
     return c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], device=c.device)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

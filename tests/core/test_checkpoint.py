@@ -63,6 +63,6 @@ def test_loaded_editor_nets_sit_on_the_models_device(tiny_llama, tmp_path, monke
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     editor = MendEditor.untrained(stack, MendConfig(rank=4, targets=list(stack.targets)))
     checkpoint.save(tmp_path, editor.config, editor.nets.state_dict(), {"model_fingerprint": stack.fingerprint})
-    monkeypatch.setattr(editor_module, "_device_of", lambda model: torch.device("meta"))
+    monkeypatch.setattr(editor_module, "device_of", lambda model: torch.device("meta"))
     for made in (MendEditor.load(tmp_path, stack), MendEditor.untrained(stack, MendConfig(rank=4))):
         assert {t.device.type for t in made.nets.state_dict().values()} == {"meta"}

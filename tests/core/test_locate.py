@@ -201,7 +201,7 @@ def test_statistics_and_earlier_keys_sit_on_the_models_device(setup, facts, monk
     model, tok, stack, stats = setup
     editor = LocateEditor("alphaedit", stack, stats, config(d_in(stack)))
     stack.apply("A", editor.compute_delta(model, tok, [request(facts[0])]))  # keys on the CPU, as replayed
-    monkeypatch.setattr(locate_module, "_device_of", lambda m: torch.device("meta"))
+    monkeypatch.setattr(locate_module, "device_of", lambda m: torch.device("meta"))
     name = editor.targets[0].name
     assert editor.earlier_keys(name).device.type == "meta"
     for method in ("rome", "memit", "alphaedit"):
@@ -209,6 +209,7 @@ def test_statistics_and_earlier_keys_sit_on_the_models_device(setup, facts, monk
         held = [*ed._moments.values(), *ed._c_inv.values(), *ed._null_basis.values()]
         assert len(held) > len(ed.targets) and {t.device.type for t in held} == {"meta"}
     assert ed.earlier_gram(name).device.type == "meta"
+
 
 def test_grouped_alphaedit_writes_each_fact_into_its_subjects_layer_group(setup, facts):
     model, tok, stack, stats = setup
