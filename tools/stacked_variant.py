@@ -7,7 +7,8 @@ do (:func:`editor_core.stacked.stacked_curve`). Each point is appended as one JS
 ``--out`` (default ``runs/variants/<name>.jsonl``); every delta is cached beside it, so a cut-off run
 resumes and a longer one reuses the shorter one's edits.
 
-    mend stats --layers 3 4 5 6 7 8 9 10 --data ../shared/data/counterfact-train.json --out runs/stats-wide
+    mend stats --layers 3 4 5 6 7 8 9 10 --data ../shared/data/counterfact-train.json --samples 256 \
+        --out runs/stats-wide
     python -m tools.stacked_variant --name groups2 --layers 3 4 5 6 7 8 9 10 --set alphaedit_groups=2 \
         --stats runs/stats-wide/keystats.safetensors --n 600 --checkpoints 10 100 300 600
 
