@@ -12,7 +12,8 @@ resumes and a longer one reuses the shorter one's edits.
     python -m tools.stacked_variant --name groups2 --layers 3 4 5 6 7 8 9 10 --set alphaedit_groups=2 \
         --stats runs/stats-wide/keystats.safetensors --n 600 --checkpoints 10 100 300 600
 
-``--set`` changes :class:`LocateConfig` fields, ``--vset`` :class:`ValueConfig` fields (numbers).
+``--set`` changes :class:`LocateConfig` fields, ``--vset`` :class:`ValueConfig` fields (numbers, or a name such as
+``optimizer=adam``).
 ``--deltas`` re-scores an earlier run's cached deltas (for example ``runs/results/stacked1000-alphaedit.deltas``
 with ``--results-stack``, the stack ``tools.results`` edits, whose fingerprint those deltas carry).
 """
@@ -34,8 +35,8 @@ SHOWN = ("efficacy_acc", "efficacy", "paraphrase_acc", "neighborhood_acc", "succ
 
 
 def _number_like(old, text: str):
-    """``text`` parsed as the type of the field it replaces (int, float)."""
-    return type(old)(float(text))
+    """``text`` parsed as the type of the field it replaces (int, float; a string stays as it is)."""
+    return text if isinstance(old, str) else type(old)(float(text))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--checkpoints", type=int, nargs="+", default=[10, 30, 100])
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=NUMBER", help="LocateConfig overrides")
-    p.add_argument("--vset", nargs="*", default=[], metavar="FIELD=NUMBER", help="ValueConfig overrides")
+    p.add_argument("--vset", nargs="*", default=[], metavar="FIELD=VALUE", help="ValueConfig overrides")
     p.add_argument("--deltas", help="delta cache to read and extend (default: beside --out)")
     p.add_argument("--results-stack", action="store_true",
                    help="edit the stack tools.results edits (MEND targets too), to reuse its cached deltas")

@@ -6,8 +6,17 @@ For a fact (prompt with subject -> target) and an edited layer ``L``:
   token, averaged over the prompt behind a few fixed prefixes (so the edit does not hinge on the
   exact sentence start);
 - the *value* is the hidden state leaving block ``L`` at that token that makes the model say the
-  target: ``z = h + delta``, with ``delta`` found by a few Adam steps on the target's NLL behind every
-  prefix, plus a KL term that keeps "<subject> is a" as it was, a small weight decay and a norm bound.
+  target: ``z = h + delta``, with ``delta`` found by a few descent steps on the target's NLL behind
+  every prefix, plus a KL term that keeps "<subject> is a" as it was, a small weight decay and a norm
+  bound.
+
+The descent is Adam (ROME's choice) or normalised gradient descent (``optimizer="ngd"``), where
+each step moves ``delta`` a fixed length (``step_size * ||h||``) along the gradient. Adam moves every
+coordinate by about its learning rate whatever the gradient there, so it reaches the same NLL with a
+delta spread over all coordinates: measured on the default model (12 counterfact-val facts, layer 8, NLL < 0.05 behind every
+prefix) Adam's ``||delta|| / ||h||`` was 0.66 after 16 steps, normalised descent's 0.36 after 12. The
+value's norm is what every edited layer must write (its residual), and what an edit leaks onto the
+keys the model already uses grows with its square.
 
 Only the blocks above ``L`` run during the optimisation: the hidden states leaving ``L`` are computed
 once (they do not depend on ``delta`` except at the subject's position, where it is added).
@@ -33,6 +42,7 @@ from editor_core.targets import Target
 DEFAULT_PREFIXES: tuple[str, ...] = ("", "The following is true. ", "Here is a fact: ", "I read that ",
                                      "As everyone knows, ")
 KL_TEMPLATE = "{subject} is a"
+OPTIMIZERS = ("ngd", "adam")
 
 
 class SubjectError(ValueError):
@@ -43,8 +53,12 @@ class SubjectError(ValueError):
 class ValueConfig:
     """Settings of the value optimisation (ROME/MEMIT's ``compute_z``)."""
 
-    steps: int = 25  # Adam steps at most
-    lr: float = 0.5  # Adam learning rate on delta
+    steps: int = 25  # descent steps at most
+    # "adam": ROME's Adam on delta; "ngd": normalised gradient descent. The default stays Adam because a
+    # saved config without this field was made with it; a model's locate_config.json picks its own
+    optimizer: str = "adam"
+    step_size: float = 0.05  # ngd: length of one step, relative to ||h||
+    lr: float = 0.5  # adam: learning rate on delta
     kl_weight: float = 0.0625  # KL(pre || post) on "<subject> is a"
     weight_decay: float = 0.5  # times ||delta||^2 / ||h||^2
     clamp_norm: float = 0.75  # ||delta|| <= clamp_norm * ||h||
@@ -126,7 +140,7 @@ class ValueProblem:
 
     Built once per edit (one forward of the blocks up to ``layer``); :meth:`evaluate` runs only the
     blocks above it, so each evaluation of a candidate ``delta`` (n, d) costs one tail forward.
-    Used by :func:`optimise_values` (Adam on delta) and by ``tools/value_probe.py`` (how far one
+    Used by :func:`optimise_values` (descent on delta) and by ``tools/value_probe.py`` (how far one
     gradient step gets: the question behind a one-pass, MEND-style value editor).
     """
 
@@ -215,24 +229,32 @@ def optimise_values(model: nn.Module, tokenizer, requests: list[EditRequest], la
                     cfg: ValueConfig) -> Values:
     """Find, per request, the state leaving block ``layer`` at the subject that makes the target come out.
 
-    Adam on delta for at most ``cfg.steps`` evaluations of the objective, stopping once every
-    request's target NLL is below ``cfg.stop_nll`` and every target token is top-1.
+    At most ``cfg.steps`` evaluations of the objective, stopping once every request's target NLL is
+    below ``cfg.stop_nll`` and every target token is top-1. With ``ngd`` a request that has got there
+    stops moving while the others go on (in a batch, each fact's value is as small as it can be).
     """
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"ValueConfig.optimizer must be one of {OPTIMIZERS}, not {cfg.optimizer!r}")
     problem = ValueProblem(model, tokenizer, requests, layer, cfg)
     delta = torch.zeros_like(problem.h, requires_grad=True)  # (n, d)
-    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    opt = torch.optim.Adam([delta], lr=cfg.lr) if cfg.optimizer == "adam" else None
     steps, nll_mean = 0, float("nan")
     with frozen(model):
         for steps in range(1, cfg.steps + 1):  # noqa: B007 (steps is reported)
             ev = problem.evaluate(delta)
-            nll_mean = float(ev.nll.detach().mean())
-            if float(ev.nll.detach().max()) < cfg.stop_nll and bool(ev.hit.all()):
+            nll = ev.nll.detach()  # (n,)
+            nll_mean = float(nll.mean())
+            done = (nll < cfg.stop_nll) & ev.hit  # (n,)
+            if bool(done.all()) or steps == cfg.steps:
                 break
-            if steps == cfg.steps:
-                break
-            (grad,) = torch.autograd.grad(ev.loss, [delta])
-            delta.grad = grad
-            opt.step()
+            (grad,) = torch.autograd.grad(ev.loss, [delta])  # (n, d)
+            if opt is not None:
+                delta.grad = grad
+                opt.step()
+            else:
+                with torch.no_grad():
+                    step = grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (n, d) unit rows
+                    delta -= cfg.step_size * problem.h_norm * step * (~done).unsqueeze(-1)  # done rows stay
             with torch.no_grad():  # the norm bound
                 delta.copy_(problem.clamp(delta))
     return Values(z=(problem.h + delta.detach()), h=problem.h, steps=steps, nll=nll_mean)

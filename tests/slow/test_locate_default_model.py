@@ -4,12 +4,15 @@ back exactly."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from editor_core import models
 from editor_core.canary import CanarySet
 from editor_core.checkpoint import all_stack_targets, default_editor_dir
 from editor_core.methods.locate import LocateConfig, LocateEditor
+from editor_core.methods.values import optimise_values
 from editor_core.requests import EditRequest
 from editor_core.scoring import score_targets
 from editor_core.stack import EditStack
@@ -61,3 +64,17 @@ def test_five_stacked_corrections_hold_canaries_kept_and_rollback_is_exact(real)
     finally:
         stack.reset()
     assert stack.sha256() == base
+
+
+def test_normalised_descent_reaches_the_target_with_a_smaller_value_than_adam(real):
+    lm, _, editor = real
+    shipped = editor.config.value
+    layer = editor.targets[-1].block
+    for fact in FACTS[:2]:
+        norms = {}
+        for name in ("ngd", "adam"):
+            cfg = dataclasses.replace(shipped, optimizer=name, steps=40)
+            v = optimise_values(lm.model, lm.tokenizer, [fact], layer, cfg)
+            assert v.nll < cfg.stop_nll, f"{name}: NLL {v.nll:.3f} after {v.steps} steps for {fact.prompt!r}"
+            norms[name] = float((v.z - v.h).norm() / v.h.norm())
+        assert norms["ngd"] < 0.8 * norms["adam"], (fact.prompt, norms)
