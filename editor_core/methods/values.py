@@ -13,8 +13,9 @@ For a fact (prompt with subject -> target) and an edited layer ``L``:
 The descent is Adam (ROME's choice) or normalised gradient descent (``optimizer="ngd"``), where
 each step moves ``delta`` a fixed length (``step_size * ||h||``) along the gradient. Adam moves every
 coordinate by about its learning rate whatever the gradient there, so it reaches the same NLL with a
-delta spread over all coordinates: measured on the default model (12 counterfact-val facts, layer 8, NLL < 0.05 behind every
-prefix) Adam's ``||delta|| / ||h||`` was 0.66 after 16 steps, normalised descent's 0.36 after 12. The
+delta spread over all coordinates: measured on the default model (12 counterfact-val facts, layer 8,
+NLL < 0.05 behind every prefix) Adam's ``||delta|| / ||h||`` was 0.66 after 16 steps, normalised
+descent's 0.36 after 12. The
 value's norm is what every edited layer must write (its residual), and what an edit leaks onto the
 keys the model already uses grows with its square.
 
@@ -64,6 +65,11 @@ class ValueConfig:
     clamp_norm: float = 0.75  # ||delta|| <= clamp_norm * ||h||
     stop_nll: float = 0.05  # stop once every request's target NLL is below this and every token is top-1
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+
+    def __post_init__(self) -> None:
+        # refused when the config is built or loaded (locate_config.json), not at the first edit
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"ValueConfig.optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
 
 
 @dataclass
@@ -233,8 +239,6 @@ def optimise_values(model: nn.Module, tokenizer, requests: list[EditRequest], la
     below ``cfg.stop_nll`` and every target token is top-1. With ``ngd`` a request that has got there
     stops moving while the others go on (in a batch, each fact's value is as small as it can be).
     """
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"ValueConfig.optimizer must be one of {OPTIMIZERS}, not {cfg.optimizer!r}")
     problem = ValueProblem(model, tokenizer, requests, layer, cfg)
     delta = torch.zeros_like(problem.h, requires_grad=True)  # (n, d)
     opt = torch.optim.Adam([delta], lr=cfg.lr) if cfg.optimizer == "adam" else None

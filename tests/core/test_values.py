@@ -1,5 +1,5 @@
 """The value optimisation shared by ROME, MEMIT and AlphaEdit, on tiny models built from config: each
-fact of a batch stops where it would alone, and a bad optimiser name is refused. (That the normalised
+fact of a batch stops where it would alone, and a bad optimiser name is refused when the config is made. (That the normalised
 descent writes a smaller value than Adam is checked on the real model, tests/slow/test_locate_default_model.py:
 a random tiny model cannot be made to say a target at all.)"""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from editor_core.methods.locate import LocateConfig
 from editor_core.methods.values import ValueConfig, optimise_values
 from editor_core.requests import EditRequest
 
@@ -15,7 +16,8 @@ LAYER = 2  # of 4 blocks
 
 
 def value_config(**changes) -> ValueConfig:
-    base = dict(steps=60, optimizer="ngd", step_size=0.25, clamp_norm=4.0, kl_weight=0.0625, weight_decay=0.01, stop_nll=0.05, prefixes=("", "Note: "))
+    base = dict(steps=60, optimizer="ngd", step_size=0.25, clamp_norm=4.0, kl_weight=0.0625, weight_decay=0.01,
+                stop_nll=0.05, prefixes=("", "Note: "))
     return ValueConfig(**(base | changes))
 
 
@@ -37,6 +39,8 @@ def test_each_fact_of_a_batch_stops_where_it_would_alone(tiny_model, tiny_tokeni
         torch.testing.assert_close(together.z[i], alone.z[0], atol=1e-4, rtol=1e-4)
 
 
-def test_unknown_optimizer_is_refused(tiny_model, tiny_tokenizer, facts):
+def test_unknown_optimizer_is_refused_when_the_config_is_made_or_loaded():
     with pytest.raises(ValueError, match="optimizer"):
-        optimise_values(tiny_model, tiny_tokenizer, requests(facts, 1), LAYER, value_config(optimizer="sgd"))
+        value_config(optimizer="sgd")
+    with pytest.raises(ValueError, match="optimizer"):
+        LocateConfig.from_dict({"value": {"optimizer": "sgd"}})
