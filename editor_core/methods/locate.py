@@ -7,10 +7,13 @@ remaining residual ``R`` (n, d_out) at its keys ``K`` (n, d_in):
 
 - ``rome``: one layer, exact insertion with the smallest C-weighted change:
   ``dW = R^T (K C^-1 K^T)^-1 K C^-1`` (rank one per fact; Meng et al. 2022).
-- ``memit``: least squares against the statistics, ``dW = R^T K (lam C + K^T K)^-1`` (Meng et al. 2023).
+- ``memit``: least squares against the statistics, ``dW = R^T K (lam C + K^T K)^-1`` (Meng et al. 2023);
+  with ``memit_keep`` > 0 the keys of earlier active edits join the preserved term,
+  ``dW = R^T K (lam C + keep K_p^T K_p + K^T K)^-1``.
 - ``alphaedit``: the update's input side restricted to the null space ``P`` of the preserved keys
   (the statistics) and kept off the keys of every edit still active at that layer, ``K_p``:
-  ``dW^T = (P (K_p^T K_p + K^T K) + lam I)^-1 P K^T R`` (Fang et al. 2025), ``lam`` relative to trace(C).
+  ``dW^T = (P (keep K_p^T K_p + K^T K) + lam I)^-1 P K^T R`` (Fang et al. 2025, where keep = 1),
+  ``lam`` relative to trace(C).
 
 With ``alphaedit_groups`` > 1, AlphaEdit deals its layers into interleaved groups and writes each fact
 into the group its subject hashes to (:func:`group_of`), with the same steps over that group's layers.
@@ -59,6 +62,10 @@ class LocateConfig:
     memit_layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     alphaedit_layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     memit_lambda: float = 15.0  # weight of the statistics (C is a mean over tokens, not a sum)
+    # weight of the keys of earlier active edits in MEMIT's preserved term, beside memit_lambda * C:
+    # 0 is the paper's MEMIT, which protects only what the statistics describe; > 0 keeps earlier
+    # corrections where they were, as AlphaEdit's second term does, without a hard null space
+    memit_keep: float = 0.0
     # ridge on the update (AlphaEdit's L2), relative to trace(C) = E||k||^2 so that one setting fits any
     # key scale: a fact whose key puts a share f of its energy into the null space is inserted to
     # f / (f + alphaedit_lambda) of its residual (before the earlier edits' term)
@@ -70,8 +77,17 @@ class LocateConfig:
     # groups delay its filling up; but each fact then spreads over fewer layers and leaks more (README,
     # "Levers tried": 2 groups lose to 1 at 100, 300 and 600 stacked edits), hence the default of one group
     alphaedit_groups: int = 1
+    # weight of AlphaEdit's term that keeps the keys of earlier active edits where they were
+    # (||dW K_p||^2 beside the new facts' ||dW K - R||^2); the paper weighs both alike (1.0). More
+    # holds earlier facts against later edits, at the cost of the room left for new ones
+    alphaedit_keep: float = 1.0
     ridge: float = 1e-4  # times mean(diag C), added to C before inverting it
     value: ValueConfig = field(default_factory=ValueConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("memit_keep", "alphaedit_keep"):
+            if not getattr(self, name) >= 0:  # a negative weight makes the solve's matrix indefinite
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
 
     def layers(self, method: str) -> list[int]:
         return {"rome": self.rome_layers, "memit": self.memit_layers, "alphaedit": self.alphaedit_layers}[method]
@@ -194,6 +210,12 @@ class LocateEditor:
             c_inv_k = self._c_inv[name] @ k.t()  # (d_in, n)
             gram = k @ c_inv_k  # (n, n)
             return torch.linalg.solve(gram.double(), c_inv_k.t().double()).float()  # (n, d_in)
+        if self.method == "memit" and self.config.memit_keep > 0:
+            # the earlier edits' keys join the preserved term: one (d_in, d_in) SPD solve
+            lam_c = self.config.memit_lambda * self._moments[name]  # (d_in, d_in)
+            m = lam_c + self.config.memit_keep * self.earlier_gram(name) + k.t() @ k  # (d_in, d_in)
+            chol = torch.linalg.cholesky(m.double())
+            return torch.cholesky_solve(k.t().double(), chol).t().float().contiguous()  # (n, d_in)
         if self.method == "memit":
             # (lam C + K^T K)^-1 K^T = C^-1 K^T (lam I + K C^-1 K^T)^-1: an (n, n) solve instead of (d, d)
             c_inv_k = self._c_inv[name] @ k.t()  # (d_in, n)
@@ -204,7 +226,8 @@ class LocateEditor:
         basis = self._null_basis[name]  # (d_in, m)
         kb = k @ basis  # (n, m)
         lam = self.config.alphaedit_lambda * float(self._moments[name].trace())
-        g = self.earlier_gram(name) + kb.t() @ kb + lam * torch.eye(basis.shape[1], device=basis.device)  # (m, m)
+        eye = torch.eye(basis.shape[1], device=basis.device)
+        g = self.config.alphaedit_keep * self.earlier_gram(name) + kb.t() @ kb + lam * eye  # (m, m)
         chol = torch.linalg.cholesky(g.double())
         z = torch.cholesky_solve(kb.t().double(), chol).float()  # (m, n)
         return (basis @ z).t().contiguous()  # (n, d_in)
@@ -218,16 +241,21 @@ class LocateEditor:
         return torch.cat([k.float().to(device) for k in found]) if found else torch.zeros(0, d_in, device=device)
 
     def earlier_gram(self, name: str) -> torch.Tensor:
-        """(m, m) sum over active edits of (K B)^T (K B) at ``name``, in journal order."""
+        """Sum over active edits of (K B)^T (K B) at ``name``, in journal order: (m, m) in AlphaEdit's
+        null-space coordinates B, (d_in, d_in) K^T K for MEMIT (B the identity)."""
         ids = tuple(i for i in self.stack.active_ids if name in self.stack.delta_of(i).keys)
-        basis = self._null_basis[name]
+        basis = self._null_basis.get(name)  # None: full coordinates
+        device = device_of(self.stack.model)
+        width = basis.shape[1] if basis is not None else self.stack.targets[name].d_in
         known, gram = self._gram.get(name, ((), None))
         if gram is None or ids[: len(known)] != known:
-            known, gram = (), torch.zeros(basis.shape[1], basis.shape[1], device=basis.device)
+            known, gram = (), torch.zeros(width, width, device=device)
         gram = gram.clone()
         for i in ids[len(known):]:
             # a replayed delta's keys are on the CPU, a new one's on the model's device
-            kb = self.stack.delta_of(i).keys[name].float().to(basis.device) @ basis  # (r, m)
+            kb = self.stack.delta_of(i).keys[name].float().to(device)  # (r, d_in)
+            if basis is not None:
+                kb = kb @ basis  # (r, m)
             gram += kb.t() @ kb
         self._gram[name] = (ids, gram)
         return gram

@@ -101,12 +101,21 @@ def test_batch_of_facts_solved_together_and_replay_reproduces_sha(setup, facts, 
     assert twin_stack.sha256() == live
 
 
-def test_alphaedit_memory_is_the_active_edits(setup, facts):
-    """After edit A, edit B, rollback A: the next edit equals the one computed where A never happened."""
+def keeping(method: str, keep: float, width: int) -> LocateConfig:
+    """The test config with the method's weight on earlier edits' keys set to ``keep``."""
+    cfg = config(width)
+    setattr(cfg, f"{method}_keep", keep)
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "memit"])
+def test_memory_of_earlier_edits_is_the_active_edits(setup, facts, method):
+    """After edit A, edit B, rollback A: the next edit equals the one computed where A never happened
+    (AlphaEdit, and MEMIT with a keep weight: both read the earlier edits' keys from the stack)."""
     model, tok, stack, stats = setup
     base_weights = {n: model.get_submodule(n).weight.detach().clone() for n in stack.targets}
     twin = copy.deepcopy(model)
-    editor = LocateEditor("alphaedit", stack, stats, config(d_in(stack)))
+    editor = LocateEditor(method, stack, stats, keeping(method, 1.0, d_in(stack)))
     a = editor.compute_delta(model, tok, [request(facts[0])])
     stack.apply("A", a)
     b = editor.compute_delta(model, tok, [request(facts[1], 1)])
@@ -121,11 +130,39 @@ def test_alphaedit_memory_is_the_active_edits(setup, facts):
         twin.get_submodule(n).weight.data.copy_(w)
     twin_stack = EditStack(twin, list(stack.targets.values()))
     twin_stack.apply("B", b)
-    twin_editor = LocateEditor("alphaedit", twin_stack, stats, config(d_in(stack)))
+    twin_editor = LocateEditor(method, twin_stack, stats, keeping(method, 1.0, d_in(stack)))
     c_never = twin_editor.compute_delta(twin, tok, [request(facts[2], 2)])
     for n in c_seen.updates:
         assert torch.equal(c_seen.updates[n].u, c_never.updates[n].u)
         assert torch.equal(c_seen.updates[n].v, c_never.updates[n].v)
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "memit"])
+def test_keep_weight_holds_the_earlier_edits_keys(setup, facts, method):
+    """Edit B after edit A: a heavy keep weight moves the edited layers' output at A's keys much less
+    (relative to the change at B's own keys) than no keep weight at all."""
+    model, tok, stack, stats = setup
+    moved = {}
+    for keep in (0.0, 100.0):
+        editor = LocateEditor(method, stack, stats, keeping(method, keep, d_in(stack)))
+        a = editor.compute_delta(model, tok, [request(facts[0])])
+        stack.apply("A", a)
+        b = editor.compute_delta(model, tok, [request(facts[1], 1)])
+        stack.revert("A")
+        ratios = []
+        for name, upd in b.updates.items():
+            dw = upd.dense()  # (d_out, d_in)
+            ratios.append(float((a.keys[name] @ dw.t()).norm() / (b.keys[name] @ dw.t()).norm()))
+        moved[keep] = max(ratios)
+    assert moved[100.0] < 0.2 * moved[0.0], moved
+
+
+@pytest.mark.parametrize("field", ["memit_keep", "alphaedit_keep"])
+def test_negative_keep_weight_is_refused_when_the_config_is_made_or_loaded(field):
+    with pytest.raises(ValueError, match=field):
+        LocateConfig(**{field: -1.0})
+    with pytest.raises(ValueError, match=field):
+        LocateConfig.from_dict({field: -0.5})
 
 
 def test_alphaedit_keeps_earlier_edits_and_preserved_keys_better_than_memit(setup, facts):
