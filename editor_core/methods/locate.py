@@ -156,7 +156,11 @@ class LocateEditor:
         null_basis = ({t.name: null_space_basis(stats.moments[t.block], self.config.null_dims)
                        for t in self.targets} if method == "alphaedit" else {})
         device = device_of(stack.model)
-        self._moments = {n: m.to(device) for n, m in moments.items()}
+        # AlphaEdit's ridge needs only trace(C); the full (d_in, d_in) moments are kept only where a solve
+        # uses them (MEMIT with a keep weight), so five editors do not hold five copies of the statistics
+        self._trace = {n: float(m.trace()) for n, m in moments.items()}
+        self._moments = ({n: m.to(device) for n, m in moments.items()}
+                         if method == "memit" and self.config.memit_keep > 0 else {})
         self._c_inv = {n: m.to(device) for n, m in c_inv.items()}
         self._null_basis = {n: b.to(device) for n, b in null_basis.items()}
         # AlphaEdit's Gram matrix of earlier edits' keys in null-space coordinates, memoised per target
@@ -225,7 +229,7 @@ class LocateEditor:
         # (P S + lam I) X = P K^T R becomes (B^T S B + lam I) Y = (K B)^T R: SPD, m x m, one Cholesky.
         basis = self._null_basis[name]  # (d_in, m)
         kb = k @ basis  # (n, m)
-        lam = self.config.alphaedit_lambda * float(self._moments[name].trace())
+        lam = self.config.alphaedit_lambda * self._trace[name]
         eye = torch.eye(basis.shape[1], device=basis.device)
         g = self.config.alphaedit_keep * self.earlier_gram(name) + kb.t() @ kb + lam * eye  # (m, m)
         chol = torch.linalg.cholesky(g.double())
