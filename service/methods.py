@@ -68,7 +68,7 @@ def locate_editors(stack, settings: Settings) -> dict[str, Any]:
     return out
 
 
-PREFERENCE = ("alphaedit", "memit", "rome", "mend", "ft")
+PREFERENCE = ("memit", "alphaedit", "rome", "mend", "ft")
 
 
 def effective_default_method(settings: Settings, available: list[str]) -> str | None:

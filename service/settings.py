@@ -41,7 +41,7 @@ class Settings(BaseSettings):
         None, description="directory with key statistics (keystats.safetensors, from `mend stats`) for rome, "
                           "memit and alphaedit (default: the one shipped for the model, if any)")
     default_method: Literal["alphaedit", "memit", "rome", "mend", "ft"] = Field(
-        "alphaedit", description="method of an /edit that names none (it must be available on the model)")
+        "memit", description="method of an /edit that names none (it must be available on the model)")
 
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address (forced to 127.0.0.1 when no API keys are set)")

@@ -54,6 +54,12 @@ METHODS = ("rome", "memit", "alphaedit")
 CONFIG_FILE = "locate_config.json"
 
 
+# fields whose default changed after configs were saved without them: a config that lacks one was made
+# with the old behaviour (memit_keep: MEMIT without the earlier edits' keys; optimizer: Adam)
+LEGACY = {"memit_keep": 0.0}
+VALUE_LEGACY = {"optimizer": "adam"}
+
+
 @dataclass
 class LocateConfig:
     """Which layers each method edits and how it solves; saved as JSON beside the key statistics."""
@@ -64,8 +70,9 @@ class LocateConfig:
     memit_lambda: float = 15.0  # weight of the statistics (C is a mean over tokens, not a sum)
     # weight of the keys of earlier active edits in MEMIT's preserved term, beside memit_lambda * C:
     # 0 is the paper's MEMIT, which protects only what the statistics describe; > 0 keeps earlier
-    # corrections where they were, as AlphaEdit's second term does, without a hard null space
-    memit_keep: float = 0.0
+    # corrections where they were, as AlphaEdit's second term does, without a hard null space.
+    # A saved config without this field was made before it existed and is read as 0 (from_dict)
+    memit_keep: float = 1.0
     # ridge on the update (AlphaEdit's L2), relative to trace(C) = E||k||^2 so that one setting fits any
     # key scale: a fact whose key puts a share f of its energy into the null space is inserted to
     # f / (f + alphaedit_lambda) of its residual (before the earlier edits' term)
@@ -101,9 +108,14 @@ class LocateConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> LocateConfig:
-        """Build from JSON, rejecting unknown keys."""
-        data = dict(data)
-        value = ValueConfig(**{k: (tuple(v) if k == "prefixes" else v) for k, v in data.pop("value", {}).items()})
+        """Build from JSON, rejecting unknown keys.
+
+        A field the file lacks takes the value that reproduces the version that wrote it where the default
+        has changed since (``LEGACY``), and the dataclass default otherwise.
+        """
+        data = {**LEGACY, **data}
+        value = {**VALUE_LEGACY, **data.pop("value", {})}
+        value = ValueConfig(**{k: (tuple(v) if k == "prefixes" else v) for k, v in value.items()})
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -216,10 +228,15 @@ class LocateEditor:
             return torch.linalg.solve(gram.double(), c_inv_k.t().double()).float()  # (n, d_in)
         if self.method == "memit" and self.config.memit_keep > 0:
             # the earlier edits' keys join the preserved term: one (d_in, d_in) SPD solve
-            lam_c = self.config.memit_lambda * self._moments[name]  # (d_in, d_in)
-            m = lam_c + self.config.memit_keep * self.earlier_gram(name) + k.t() @ k  # (d_in, d_in)
-            chol = torch.linalg.cholesky(m.double())
-            return torch.cholesky_solve(k.t().double(), chol).t().float().contiguous()  # (n, d_in)
+            kd = k.double()
+            m = (self.config.memit_lambda * self._moments[name].double()
+                 + self.config.memit_keep * self.earlier_gram(name).double() + kd.t() @ kd)  # (d_in, d_in)
+            chol, info = torch.linalg.cholesky_ex(m)
+            if int(info) == 0:
+                return torch.cholesky_solve(kd.t(), chol).t().float().contiguous()  # (n, d_in)
+            # statistics from too few tokens, stored in fp16, can be slightly indefinite beyond the ridge
+            # (a tiny test model's are): the general solve still gives the least-squares update
+            return torch.linalg.solve(m, kd.t()).t().float().contiguous()  # (n, d_in)
         if self.method == "memit":
             # (lam C + K^T K)^-1 K^T = C^-1 K^T (lam I + K C^-1 K^T)^-1: an (n, n) solve instead of (d, d)
             c_inv_k = self._c_inv[name] @ k.t()  # (d_in, n)

@@ -54,11 +54,13 @@ class SubjectError(ValueError):
 class ValueConfig:
     """Settings of the value optimisation (ROME/MEMIT's ``compute_z``)."""
 
-    steps: int = 25  # descent steps at most
-    # "adam": ROME's Adam on delta; "ngd": normalised gradient descent. The default stays Adam because a
-    # saved config without this field was made with it; a model's locate_config.json picks its own
-    optimizer: str = "adam"
-    step_size: float = 0.05  # ngd: length of one step, relative to ||h||
+    steps: int = 40  # descent steps at most
+    # "ngd": normalised gradient descent, each step step_size * ||h|| along the gradient; "adam": ROME's
+    # Adam on delta, which moves every coordinate by about lr and so writes longer values that leak more
+    # (README, "Levers tried"). A saved config without this field was made with Adam and is read as such
+    # (LocateConfig.from_dict)
+    optimizer: str = "ngd"
+    step_size: float = 0.1  # ngd: length of one step, relative to ||h||
     lr: float = 0.5  # adam: learning rate on delta
     kl_weight: float = 0.0625  # KL(pre || post) on "<subject> is a"
     weight_decay: float = 0.5  # times ||delta||^2 / ||h||^2

@@ -26,7 +26,7 @@ def test_own_model_dir_served_with_statistics_methods(family, tiny_tokenizer, tm
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(fixture_facts()))
     assert main(["stats", "--model", str(model_dir), "--layers", "1", "2", "--data", str(data), "--samples", "4",
-                 "--tokens", "300", "--no-progress", "--out", str(stats_dir)]) == 0
+                 "--tokens", "3000", "--no-progress", "--out", str(stats_dir)]) == 0
 
     subject = fixture_facts()[0]["subject"]
     req = {"prompt": f"About {subject}", "target": "Toyota", "subject": subject}
@@ -35,10 +35,10 @@ def test_own_model_dir_served_with_statistics_methods(family, tiny_tokenizer, tm
         ready = c.get("/health/ready").json()
         assert set(ready["methods"]) == {"alphaedit", "memit", "rome", "ft"}, ready
         assert "no trained MEND editor" in ready["unavailable_methods"]["mend"]
-        assert ready["default_method"] == "alphaedit" and ready["dtype"] == "float32" and ready["device"] == "cpu"
+        assert ready["default_method"] == "memit" and ready["dtype"] == "float32" and ready["device"] == "cpu"
         base = ready["sha256"]
         out = c.post("/edit", json={"requests": [req]}).json()
-        assert out["method"] == "alphaedit" and out["results"][0]["success"], out
+        assert out["method"] == "memit" and out["results"][0]["success"], out
         edited = engine_of(c).stack.sha256()
         assert edited != base
     with serving(settings, tiny_tokenizer, editors=default_editors, loader=default_loader) as c:  # replay

@@ -112,7 +112,7 @@ def test_mend_refused_without_trained_editor_but_ft_works(tiny_tokenizer, tmp_pa
         ready = c.get("/health/ready").json()
         assert ready["methods"] == ["ft"] and "mend" in ready["unavailable_methods"]
         assert "no key statistics" in ready["unavailable_methods"]["alphaedit"]
-        assert ready["default_method"] == "ft"  # MEND_DEFAULT_METHOD (alphaedit) is not offered: falls back
+        assert ready["default_method"] == "ft"  # MEND_DEFAULT_METHOD (memit) is not offered: falls back
         r = c.post("/edit", json={"requests": [{"prompt": "The capital of Norway is", "target": "Bergen"}],
                                   "method": "mend"})
         assert r.status_code == 409 and r.json()["code"] == "editor_unavailable"

@@ -30,12 +30,12 @@ def test_default_method_edits_rolls_back_and_replays(tiny_tokenizer, stats_dir):
     settings = make_settings(stats_dir=stats_dir)
     with serving(settings, tiny_tokenizer, editors=default_editors) as c:
         ready = c.get("/health/ready").json()
-        assert {"alphaedit", "memit", "rome"} <= set(ready["methods"]) and ready["default_method"] == "alphaedit"
+        assert {"alphaedit", "memit", "rome"} <= set(ready["methods"]) and ready["default_method"] == "memit"
         base = engine_of(c).stack.sha256()
         r = c.post("/edit", json={"requests": [{"prompt": req["prompt"], "target": "Toyota"}]})
         assert r.status_code == 422 and "needs the subject" in r.json()["detail"]
         out = c.post("/edit", json={"requests": [req]}).json()
-        assert out["method"] == "alphaedit" and out["results"][0]["success"], out
+        assert out["method"] == "memit" and out["results"][0]["success"], out
         rec = c.get(f"/edits/{out['edit_id']}").json()
         assert set(rec["rank"].values()) == {1} and len(rec["rank"]) == 2  # rank one at layers 1 and 2
         edited = engine_of(c).stack.sha256()

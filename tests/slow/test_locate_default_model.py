@@ -1,4 +1,4 @@
-"""The real default model with the shipped key statistics: the default method (AlphaEdit) makes the
+"""The real default model with the shipped key statistics: the default method (MEND_DEFAULT_METHOD) makes the
 new fact the greedy answer, keeps the canaries, stacks five corrections that all hold, and rolls one
 back exactly."""
 
@@ -17,6 +17,7 @@ from editor_core.requests import EditRequest
 from editor_core.scoring import score_targets
 from editor_core.stack import EditStack
 from editor_core.stats import STATS_FILE, KeyStats, stats_fingerprint
+from service.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,8 @@ def real():
     stats = KeyStats.load(shipped / STATS_FILE)
     assert stats.fingerprint == stats_fingerprint(lm.model, stats.layers)
     stack = EditStack(lm.model, all_stack_targets(lm.model, shipped, shipped))
-    editor = LocateEditor("alphaedit", stack, stats, LocateConfig.load(shipped))
+    # the method an /edit without one uses, with the shipped settings
+    editor = LocateEditor(Settings().default_method, stack, stats, LocateConfig.load(shipped))
     return lm, stack, editor
 
 
