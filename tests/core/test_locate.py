@@ -281,3 +281,15 @@ def test_alphaedit_groups_must_fit_the_layers(setup):
     cfg.alphaedit_groups = 3
     with pytest.raises(ValueError, match="alphaedit_groups"):
         LocateEditor("alphaedit", stack, stats, cfg)
+
+
+def test_config_saved_before_a_default_changed_is_read_as_it_was_made(tmp_path):
+    """A locate_config.json without memit_keep / value.optimizer was written when MEMIT had no keep term
+    and the value search was Adam; a new config gets the current defaults, and saving keeps them."""
+    old = LocateConfig.from_dict({"memit_lambda": 15.0, "value": {"steps": 25, "lr": 0.5}})
+    assert old.memit_keep == 0.0 and old.value.optimizer == "adam" and old.value.steps == 25
+    new = LocateConfig()
+    assert new.memit_keep > 0 and new.value.optimizer == "ngd"
+    new.save(tmp_path)
+    again = LocateConfig.load(tmp_path)
+    assert again.memit_keep == new.memit_keep and again.value.optimizer == "ngd"
