@@ -163,19 +163,19 @@ class LocateEditor:
         # method-specific precomputation, from the statistics only (never from edits), done on the CPU
         # where the statistics load (the same basis on every device), then kept on the model's device,
         # where the keys of each edit are computed
+        keeps = method == "memit" and self.config.memit_keep > 0  # solves with C itself, not its inverse
         c_inv = ({t.name: torch.linalg.inv(moments[t.name].double()).float() for t in self.targets}
-                 if method in ("rome", "memit") else {})
+                 if method in ("rome", "memit") and not keeps else {})
         null_basis = ({t.name: null_space_basis(stats.moments[t.block], self.config.null_dims)
                        for t in self.targets} if method == "alphaedit" else {})
         device = device_of(stack.model)
         # AlphaEdit's ridge needs only trace(C); the full (d_in, d_in) moments are kept only where a solve
         # uses them (MEMIT with a keep weight), so five editors do not hold five copies of the statistics
         self._trace = {n: float(m.trace()) for n, m in moments.items()}
-        self._moments = ({n: m.to(device) for n, m in moments.items()}
-                         if method == "memit" and self.config.memit_keep > 0 else {})
+        self._moments = {n: m.to(device) for n, m in moments.items()} if keeps else {}
         self._c_inv = {n: m.to(device) for n, m in c_inv.items()}
         self._null_basis = {n: b.to(device) for n, b in null_basis.items()}
-        # AlphaEdit's Gram matrix of earlier edits' keys in null-space coordinates, memoised per target
+        # the Gram matrix of earlier edits' keys (AlphaEdit: in null-space coordinates), memoised per target
         # under the exact list of active edit ids it sums (recomputed whenever that list is not a prefix
         # of the current one): a function of the active edits, never state that outlives them
         self._gram: dict[str, tuple[tuple[str, ...], torch.Tensor]] = {}
