@@ -45,7 +45,8 @@ def stacked_curve(
 ) -> list[dict]:
     """Edit ``records`` one after another; at each checkpoint score the facts edited so far.
 
-    Returns one point per checkpoint: ``{"n", "post": metric means, "edit_ms": {...}, "canary": {...}}``.
+    Returns one point per checkpoint: ``{"n", "post": metric means, "post_oldest": the same over the first
+    fifth of the facts, "edit_ms": {...}, "canary": {...}}``.
     The stack is restored to the edits it had on entry, also on error.
     """
     checkpoints = sorted({c for c in checkpoints if 1 <= c <= len(records)})
@@ -79,7 +80,11 @@ def stacked_curve(
                     row["neighbour_kept"] = float(np.mean(kept))
                 rows.append(row)
             recent = times[max(0, n - 10):]
+            oldest = max(1, n // 5)
             point = {"n": n, "post": mean_metrics(rows),
+                     # the first fifth of the facts, edited before four fifths of the others: how much
+                     # of what is lost over a long stack is the early facts wearing away
+                     "post_oldest": mean_metrics(rows[:oldest]),
                      "pre": mean_metrics([record_metrics(pre[k]) for k in range(n)]),  # unedited, same facts
                      "edit_ms": {"median": float(np.median(times)), "p95": float(np.percentile(times, 95)),
                                  "recent_median": float(np.median(recent))}}

@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_point(point: dict) -> None:
         post, canary = point["post"], point.get("canary") or {}
+        oldest = point.get("post_oldest") or {}
         row = {"name": args.name, "n": point["n"], **{k: round(post[k], 3) for k in SHOWN if k in post},
+               "oldest_fifth_success": round(oldest["success"], 3) if oldest.get("success") is not None else None,
                "canaries_changed": canary.get("changed"), "canary_nats_lost": canary.get("logprob_drop"),
                "edit_s_median": round(point["edit_ms"].get("median", 0) / 1000, 2),
                "seconds": round(time.time() - started), "config": cfg.to_dict()}

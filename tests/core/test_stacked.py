@@ -1,0 +1,42 @@
+"""stacked_curve on a tiny model: checkpoints score the facts edited so far, the oldest fifth apart, and
+the stack is left with the edits it had on entry."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FIXTURES
+from test_evaluate import FixedEditor
+
+from editor_core.data import load_records
+from editor_core.evaluate import mean_metrics, record_metrics, score_records
+from editor_core.stack import EditStack
+from editor_core.stacked import stacked_curve
+from editor_core.targets import resolve_targets
+
+
+@pytest.fixture
+def records():
+    return load_records(FIXTURES / "facts.json")
+
+
+def test_points_score_the_facts_so_far_and_their_oldest_fifth(tiny_llama, tiny_tokenizer, records):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama, ["model.layers.1.mlp.down_proj"]))
+    editor = FixedEditor(stack)  # zero deltas: every score stays the unedited one, so each mean is known
+    n = 10
+    assert len(records) >= n
+    pre = [record_metrics(s) for s in score_records(tiny_llama, tiny_tokenizer, records[:n])]
+    points = stacked_curve(tiny_llama, tiny_tokenizer, stack, editor, records[:n], [5, n], progress=False)
+
+    assert [p["n"] for p in points] == [5, n]
+    for p in points:
+        for key in ("efficacy", "paraphrase", "neighborhood"):
+            assert p["post"][key] == pytest.approx(mean_metrics(pre[: p["n"]])[key])
+            assert p["post_oldest"][key] == pytest.approx(mean_metrics(pre[: p["n"] // 5])[key])
+    assert len(editor.calls) == n
+    assert stack.active_ids == []  # the stacked edits are taken off again
+
+
+def test_checkpoints_beyond_the_records_are_refused(tiny_llama, tiny_tokenizer, records):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama, ["model.layers.1.mlp.down_proj"]))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[:3], [10], progress=False)
