@@ -56,6 +56,18 @@ class RecordScores:
     rephrase: list[tuple[TargetScore, TargetScore | None]]  # (target_new, ground_truth) per rephrase
     locality: list[tuple[TargetScore, TargetScore]]  # (locality answer, target_new) per locality prompt
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RecordScores:
+        """The inverse of :meth:`to_dict` (JSON turns tuples into lists)."""
+        def score(x: dict | None) -> TargetScore | None:
+            return None if x is None else TargetScore(x["mean_logprob"], x["token_acc"], tuple(x["argmax_ids"]))
+
+        return cls(score(d["new"]), score(d["truth"]), [(score(a), score(b)) for a, b in d["rephrase"]],
+                   [(score(a), score(b)) for a, b in d["locality"]])
+
 
 def score_records(
     model: nn.Module, tokenizer, records: list[EditRecord], batch_size: int = 32

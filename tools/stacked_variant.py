@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-stack", action="store_true",
                    help="edit the stack tools.results edits (MEND targets too), to reuse its cached deltas")
     p.add_argument("--out", help="JSON lines file (default runs/variants/<name>.jsonl)")
+    p.add_argument("--pre-cache", help="unedited scores of the records, shared by every run on them "
+                   "(default runs/variants/unedited-<data file's stem>.json)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s n=%d: %s", args.name, point["n"], {k: v for k, v in row.items() if k != "config"})
 
     stacked_curve(model, tok, stack, editor, records, args.checkpoints, canaries=CanarySet(model, tok),
-                  delta_dir=args.deltas or out.with_suffix(".deltas"), on_point=on_point, progress=True)
+                  delta_dir=args.deltas or out.with_suffix(".deltas"), on_point=on_point, progress=True,
+                  pre_cache=args.pre_cache or out.parent / f"unedited-{Path(args.data).stem}.json")
     return 0
 
 

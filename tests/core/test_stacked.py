@@ -40,3 +40,31 @@ def test_checkpoints_beyond_the_records_are_refused(tiny_llama, tiny_tokenizer, 
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama, ["model.layers.1.mlp.down_proj"]))
     with pytest.raises(ValueError, match="no checkpoint"):
         stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[:3], [10], progress=False)
+
+
+def test_unedited_scores_are_cached_for_the_same_model_and_records(tiny_llama, tiny_tokenizer, records, tmp_path,
+                                                                    monkeypatch):
+    import editor_core.stacked as stacked
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama, ["model.layers.1.mlp.down_proj"]))
+    cache = tmp_path / "pre.json"
+    first = stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[:6], [3, 6],
+                          progress=False, pre_cache=cache)
+    assert cache.is_file()
+
+    def refuse(*_a, **_k):  # locality_greedy serves only the unedited scores
+        raise AssertionError("scored again although the cache holds these records")
+
+    calls = []
+    score = stacked.score_records
+    monkeypatch.setattr(stacked, "score_records", lambda *a, **k: calls.append(len(a[2])) or score(*a, **k))
+    monkeypatch.setattr(stacked, "locality_greedy", refuse)
+    # fewer records, same order: read from the cache, same points; scored once, at the checkpoint
+    again = stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[:3], [3],
+                          progress=False, pre_cache=cache)
+    assert again[0]["pre"] == first[0]["pre"]
+    assert calls == [3]
+    # other records: not in the cache, so scored
+    with pytest.raises(AssertionError, match="scored again"):
+        stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[1:4], [3],
+                      progress=False, pre_cache=cache)
