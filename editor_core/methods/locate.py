@@ -73,6 +73,13 @@ class LocateConfig:
     # corrections where they were, as AlphaEdit's second term does, without a hard null space.
     # A saved config without this field was made before it existed and is read as 0 (from_dict)
     memit_keep: float = 1.0
+    # what of a fact later edits keep (MEMIT with memit_keep, and AlphaEdit): False, its key averaged over
+    # the prefixes; True, its key behind each prefix, scaled by 1/sqrt(prefixes) so that their Gram matrix
+    # is the mean of the outer products: the averaged key's weight is about the same, and the directions
+    # the key varies in with the context are kept too. Measured on the default model: after 1,000 stacked
+    # edits the keys of the first 100 facts had moved 8-19% at layers 5-8, and the later edits' updates,
+    # held off only the recorded keys, fired there at 0.1-0.26 of each fact's own update
+    keep_key_spread: bool = False
     # ridge on the update (AlphaEdit's L2), relative to trace(C) = E||k||^2 so that one setting fits any
     # key scale: a fact whose key puts a share f of its energy into the null space is inserted to
     # f / (f + alphaedit_lambda) of its residual (before the earlier edits' term)
@@ -200,11 +207,13 @@ class LocateEditor:
                 values = optimise_values(model, tokenizer, reqs, last, cfg.value)
             for i, target in enumerate(targets):
                 with added_updates(model, solved):
-                    k, state = keys_and_states(model, tokenizer, reqs, target, last, cfg.value.prefixes)
+                    k, state, rows = keys_and_states(model, tokenizer, reqs, target, last, cfg.value.prefixes,
+                                                     per_prefix=True)  # (n, d_in), (n, d), (n * P, d_in)
                 resid = (values.z - state) / (len(targets) - i)  # (n, d_out)
                 w = self._solve(target, k)  # (n, d_in)
                 solved[target.name] = (target, LowRankUpdate(u=resid.float(), v=w.float()))
-                keys[target.name] = k.float()
+                # what later edits keep: the mean key, or the key behind each prefix (keep_key_spread)
+                keys[target.name] = (rows / len(cfg.value.prefixes) ** 0.5 if cfg.keep_key_spread else k).float()
             steps.append(str(values.steps))
             nlls.append(f"{values.nll:.4f}")
         meta = {"method": self.method, "n_requests": str(len(requests)), "value_steps": ",".join(steps),

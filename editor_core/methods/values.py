@@ -290,10 +290,12 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def keys_and_states(model: nn.Module, tokenizer, requests: list[EditRequest], target: Target, last_layer: int,
-                    prefixes: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                    prefixes: tuple[str, ...], per_prefix: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys at ``target`` and states leaving block ``last_layer``, at the subject's last token.
 
-    Returns (n, d_in) keys averaged over ``prefixes`` and (n, d) states of the bare prompt.
+    Returns (n, d_in) keys averaged over ``prefixes`` and (n, d) states of the bare prompt; with
+    ``per_prefix`` also (n * P, d_in) the key behind each prefix, request-major.
     """
     device = next(model.parameters()).device
     rows = _rows(tokenizer, requests, prefixes, with_kl=False)
@@ -315,4 +317,7 @@ def keys_and_states(model: nn.Module, tokenizer, requests: list[EditRequest], ta
     keys = torch.zeros(n, target.d_in, device=device).index_add(0, req, box[0])
     keys = keys / torch.bincount(req, minlength=n).unsqueeze(-1).float()  # (n, d_in)
     first_row = _first_rows(rows, n, device)
-    return keys, states[first_row, pos[first_row]].float()
+    state = states[first_row, pos[first_row]].float()  # (n, d)
+    if per_prefix:
+        return keys, state, box[0][torch.argsort(req, stable=True)]  # rows of one request together
+    return keys, state

@@ -157,6 +157,24 @@ def test_keep_weight_holds_the_earlier_edits_keys(setup, facts, method):
     assert moved[100.0] < 0.2 * moved[0.0], moved
 
 
+def test_key_spread_journals_each_prefix_key_with_the_mean_keys_weight(setup, facts):
+    """keep_key_spread: the delta carries the key behind every prefix, scaled so that their Gram matrix
+    is the mean of the outer products; they sum to the averaged key the update was solved for."""
+    model, tok, stack, stats = setup
+    plain = LocateEditor("memit", stack, stats, config(d_in(stack))).compute_delta(model, tok, [request(facts[0])])
+    cfg = config(d_in(stack))
+    cfg.keep_key_spread = True
+    spread = LocateEditor("memit", stack, stats, cfg).compute_delta(model, tok, [request(facts[0])])
+    n_prefixes = len(cfg.value.prefixes)
+    for name, k in plain.keys.items():
+        rows = spread.keys[name]  # (P, d_in)
+        assert rows.shape == (n_prefixes, k.shape[1])
+        torch.testing.assert_close(rows.sum(0) / n_prefixes ** 0.5, k[0], rtol=1e-4, atol=1e-5)
+        # the mean key's outer product is at most the spread's Gram (Jensen): nothing of it is lost
+        assert float(k[0] @ (rows.t() @ rows) @ k[0]) >= float((k[0] @ k[0]) ** 2) * (1 - 1e-4)
+        torch.testing.assert_close(spread.updates[name].v, plain.updates[name].v)  # the edit itself is the same
+
+
 @pytest.mark.parametrize("field", ["memit_keep", "alphaedit_keep"])
 def test_negative_keep_weight_is_refused_when_the_config_is_made_or_loaded(field):
     with pytest.raises(ValueError, match=field):
