@@ -48,6 +48,9 @@ def run(kills: int, edits: int, clients: int = 4, time_limit_s: float = 300, wor
     problems: list[str] = []
     acked: dict[str, dict] = {}  # edit_id -> response
     acked_rollbacks: set[str] = set()
+    # rollbacks posted and not yet answered: one cut by a kill may have landed before it (its outcome is
+    # unknown to the client until the retry), so a check in between may find the edit rolled back
+    sent_rollbacks: set[str] = set()
     edit_lat: list[float] = []
     unknown_outcomes = 0  # requests cut by a kill (retried with the same idempotency key)
     lock = threading.Lock()
@@ -75,6 +78,8 @@ def run(kills: int, edits: int, clients: int = 4, time_limit_s: float = 300, wor
                 t0 = time.perf_counter()
                 with lock:
                     in_flight[0] += 1
+                    if rollback:
+                        sent_rollbacks.add(target_id)
                 try:
                     r = http.post(path, json=body)
                 except httpx.TransportError:
@@ -109,15 +114,17 @@ def run(kills: int, edits: int, clients: int = 4, time_limit_s: float = 300, wor
         found = [f"{label}: {p}" for p in found]
         head = state["head"]
         with lock:
-            acked_now, rolled_now = dict(acked), set(acked_rollbacks)
+            acked_now, rolled_now, sent_now = dict(acked), set(acked_rollbacks), set(sent_rollbacks)
         for eid, out in acked_now.items():
             rec = state["records"].get(eid)
             if rec is None:
                 found.append(f"{label}: acknowledged edit {eid} missing")
             elif rec["version"] != out["version"]:
                 found.append(f"{label}: edit {eid} acknowledged at version {out['version']}, journal {rec['version']}")
-            elif (eid in rolled_now) != (rec["status"] == "rolled_back"):
-                found.append(f"{label}: edit {eid} status {rec['status']} (acknowledged rollback: {eid in rolled_now})")
+            elif eid in rolled_now and rec["status"] != "rolled_back":
+                found.append(f"{label}: edit {eid} status {rec['status']} although its rollback was acknowledged")
+            elif rec["status"] == "rolled_back" and eid not in sent_now:
+                found.append(f"{label}: edit {eid} rolled back although no rollback of it was sent")
         if ready["version"] != head.version or ready["sha256"] != (head.sha256 or ready["sha256"]):
             found.append(f"{label}: service at version {ready['version']} sha {ready['sha256']}, head {head}")
         if ready["active_edits"] != len(state["active"]):
