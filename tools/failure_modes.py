@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import logging
-from pathlib import Path
-
-import torch
 
 log = logging.getLogger("failure_modes")
 CLASSES = ("new", "new_first_token", "old", "other")
@@ -50,31 +46,14 @@ def classify_records(model, tokenizer, records) -> list[tuple[str, list[int]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from editor_core import models
-    from editor_core.data import load_records
-    from editor_core.delta import EditDelta
-    from editor_core.stack import EditStack
-    from editor_core.targets import resolve_targets
+    from tools import cached_stack
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deltas", required=True, help="delta cache of a stacked run (NNNNN.safetensors files)")
-    p.add_argument("--n", type=int, required=True, help="how many of its edits to apply and classify")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default="../shared/data/counterfact-val.json")
-    p.add_argument("--threads", type=int, default=1)
+    cached_stack.add_arguments(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    state = cached_stack.load(p, args)
+    model, tok, records = state.model, state.tokenizer, state.records
 
-    files = sorted(glob.glob(str(Path(args.deltas) / "*.safetensors")))[: args.n]
-    if len(files) < args.n:
-        p.error(f"--deltas {args.deltas} holds {len(files)} edits, fewer than --n {args.n}")
-    lm = models.load(args.model)
-    model, tok = lm.model, lm.tokenizer
-    deltas = [EditDelta.from_bytes(Path(f).read_bytes()) for f in files]
-    stack = EditStack(model, resolve_targets(model, sorted(deltas[0].updates)))
-    stack.rebuild([(f"e{i}", d) for i, d in enumerate(deltas)])
-    records = load_records(args.data)[: args.n]
     fifth = max(1, args.n // 5)
     by_fifth = [collections.Counter() for _ in range(5)]
     other_first: collections.Counter = collections.Counter()

@@ -16,9 +16,7 @@ state and compares it with the key journaled when the fact was edited:
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
-from pathlib import Path
 
 import torch
 
@@ -41,35 +39,19 @@ def later_firing(k_now: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, first:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from editor_core import models
-    from editor_core.data import load_records
-    from editor_core.delta import EditDelta
     from editor_core.methods.values import DEFAULT_PREFIXES, keys_and_states
-    from editor_core.stack import EditStack
-    from editor_core.targets import resolve_targets
+    from tools import cached_stack
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deltas", required=True, help="delta cache of a stacked run, one fact an edit")
-    p.add_argument("--n", type=int, required=True, help="how many of its edits to apply")
+    cached_stack.add_arguments(p)
     p.add_argument("--facts", type=int, default=100, help="how many of the oldest and of the newest facts")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default="../shared/data/counterfact-val.json")
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-
-    files = sorted(glob.glob(str(Path(args.deltas) / "*.safetensors")))[: args.n]
-    if len(files) < args.n or args.n < args.facts:
-        p.error(f"--deltas {args.deltas} holds {len(files)} edits; need --n {args.n} >= --facts {args.facts}")
-    lm = models.load(args.model)
-    model, tok = lm.model, lm.tokenizer
-    deltas = [EditDelta.from_bytes(Path(f).read_bytes()) for f in files]
+    if args.n < args.facts:
+        p.error(f"--n {args.n} must be at least --facts {args.facts}")
+    state = cached_stack.load(p, args)
+    model, tok, stack, deltas, records = state.model, state.tokenizer, state.stack, state.deltas, state.records
     if any(int(d.meta.get("n_requests", "1")) != 1 for d in deltas):
         p.error("every edit of the cache must hold one fact")
-    stack = EditStack(model, resolve_targets(model, sorted(deltas[0].updates)))
-    stack.rebuild([(f"e{i}", d) for i, d in enumerate(deltas)])
-    records = load_records(args.data)[: args.n]
     last = max(t.block for t in stack.targets.values())
     for first in (0, args.n - args.facts):
         reqs = [r.to_request() for r in records[first:first + args.facts]]
