@@ -41,6 +41,7 @@ from editor_core.methods.values import (
     check_subjects,
     keys_and_states,
     optimise_values,
+    subject_keys,
 )
 from editor_core.models import device_of
 from editor_core.requests import EditRequest
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("rome", "memit", "alphaedit")
 CONFIG_FILE = "locate_config.json"
+REFRESHED = "\0refreshed"  # marks, in a memoised Gram matrix's ids, that the ids after it were read again
 
 
 # fields whose default changed after configs were saved without them: a config that lacks one was made
@@ -82,6 +84,11 @@ class LocateConfig:
     # edits the keys of the first 100 facts had moved 8-19% at layers 5-8, and the later edits' updates,
     # held off only the recorded keys, fired there at 0.1-0.26 of each fact's own update
     keep_key_spread: bool = False
+    # every this many active edits, the keys of the earlier facts that later edits keep (above) are read
+    # again on the weights as they are then, instead of as they were when each fact was edited: the
+    # edits below a layer move the keys above it (8-19% at layers 5-8 after 1,000 edits), and later
+    # edits held off the recorded keys fire on the moved ones. 0 keeps the recorded keys
+    key_refresh: int = 0
     # ridge on the update (AlphaEdit's L2), relative to trace(C) = E||k||^2 so that one setting fits any
     # key scale: a fact whose key puts a share f of its energy into the null space is inserted to
     # f / (f + alphaedit_lambda) of its residual (before the earlier edits' term)
@@ -104,6 +111,8 @@ class LocateConfig:
         for name in ("memit_keep", "alphaedit_keep"):
             if not getattr(self, name) >= 0:  # a negative weight makes the solve's matrix indefinite
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if not (isinstance(self.key_refresh, int) and self.key_refresh >= 0):
+            raise ValueError(f"key_refresh must be a whole number >= 0, not {self.key_refresh!r}")
 
     def layers(self, method: str) -> list[int]:
         return {"rome": self.rome_layers, "memit": self.memit_layers, "alphaedit": self.alphaedit_layers}[method]
@@ -188,6 +197,10 @@ class LocateEditor:
         # under the exact list of active edit ids it sums (recomputed whenever that list is not a prefix
         # of the current one): a function of the active edits, never state that outlives them
         self._gram: dict[str, tuple[tuple[str, ...], torch.Tensor]] = {}
+        # with key_refresh: the earlier facts' keys read again, under the ids of the active edits they were
+        # read for (the head of the active list, a multiple of key_refresh long)
+        self._refreshed: tuple[tuple[str, ...], dict[str, dict[str, torch.Tensor]]] = ((), {})
+        self._tokenizer = None
 
     # ---- the Editor protocol -------------------------------------------------------------------
     def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
@@ -200,6 +213,7 @@ class LocateEditor:
             raise ValueError("no edit requests")
         check_subjects(requests, self.method)
         cfg = self.config
+        self._tokenizer = tokenizer  # for reading earlier facts' keys again (key_refresh)
         solved: dict[str, tuple[Target, LowRankUpdate]] = {}
         keys: dict[str, torch.Tensor] = {}
         steps, nlls = [], []
@@ -219,7 +233,9 @@ class LocateEditor:
             steps.append(str(values.steps))
             nlls.append(f"{values.nll:.4f}")
         meta = {"method": self.method, "n_requests": str(len(requests)), "value_steps": ",".join(steps),
-                "value_nll": ",".join(nlls), "layers": ",".join(str(t.block) for t, _ in solved.values())}
+                "value_nll": ",".join(nlls), "layers": ",".join(str(t.block) for t, _ in solved.values()),
+                # what a later edit needs to read this edit's keys again on the weights of its day
+                "facts": json.dumps([[r.prompt, r.subject] for r in requests])}
         return EditDelta({n: u for n, (_, u) in solved.items()}, self.fingerprint, meta, keys=keys)
 
     def by_group(self, requests: list[EditRequest]) -> list[tuple[list[Target], list[EditRequest]]]:
@@ -274,23 +290,93 @@ class LocateEditor:
 
     def earlier_gram(self, name: str) -> torch.Tensor:
         """Sum over active edits of (K B)^T (K B) at ``name``, in journal order: (m, m) in AlphaEdit's
-        null-space coordinates B, (d_in, d_in) K^T K for MEMIT (B the identity)."""
-        ids = tuple(i for i in self.stack.active_ids if name in self.stack.delta_of(i).keys)
+        null-space coordinates B, (d_in, d_in) K^T K for MEMIT (B the identity).
+
+        With ``key_refresh`` R, the keys of the first ``R * (len(active) // R)`` active edits are the ones
+        :meth:`refreshed_keys` reads on the weights those edits alone give; the rest are as recorded.
+        """
+        active = self.stack.active_ids
+        head: tuple[str, ...] = ()
+        fresh: dict[str, torch.Tensor] = {}
+        if self.config.key_refresh > 0:
+            head, fresh = self.refreshed_keys(name)
+        ids = tuple(i for i in active if name in self.stack.delta_of(i).keys)
         basis = self._null_basis.get(name)  # None: full coordinates
         device = device_of(self.stack.model)
         width = basis.shape[1] if basis is not None else self.stack.targets[name].d_in
+        # memo key: the refreshed head, then the recorded ids summed after it
+        memo = ((REFRESHED,) + head if head else ()) + tuple(i for i in ids if i not in fresh)
         known, gram = self._gram.get(name, ((), None))
-        if gram is None or ids[: len(known)] != known:
+        if gram is None or memo[: len(known)] != known:
             known, gram = (), torch.zeros(width, width, device=device)
+            for k in fresh.values():
+                kb = k.to(device) @ basis if basis is not None else k.to(device)
+                gram += kb.t() @ kb
+            known = (REFRESHED,) + head if head else ()
         gram = gram.clone()
-        for i in ids[len(known):]:
+        for i in memo[len(known):]:
             # a replayed delta's keys are on the CPU, a new one's on the model's device
             kb = self.stack.delta_of(i).keys[name].float().to(device)  # (r, d_in)
             if basis is not None:
                 kb = kb @ basis  # (r, m)
             gram += kb.t() @ kb
-        self._gram[name] = (ids, gram)
+        self._gram[name] = (memo, gram)
         return gram
+
+    def refreshed_keys(self, name: str) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
+        """The head of the active edits (``key_refresh`` times as many as fit) and, for each of them that
+        carries its facts and keys at ``name``, those keys read again on the weights the head alone gives.
+
+        The weights of the head are the stack's with the later active edits taken off (forward hooks,
+        nothing written), so the result is a function of the active list: the same after a rollback of a
+        later edit, a replay or a restart, up to float rounding (taken off by hooks, not absent).
+        Memoised under the head, so it is read once per ``key_refresh`` edits.
+        """
+        active = self.stack.active_ids
+        head = tuple(active[: len(active) // self.config.key_refresh * self.config.key_refresh])
+        if self._refreshed[0] != head or not head:
+            self._refreshed = (head, self._read_keys(head, active[len(head):]) if head else {})
+        return head, {i: per_name[name] for i, per_name in self._refreshed[1].items() if name in per_name}
+
+    def _read_keys(self, head: tuple[str, ...], tail: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """``{edit id: {target name: keys}}`` for the edits in ``head`` that carry their facts, read on the
+        weights without ``tail``'s edits, shaped as :meth:`compute_delta` journals them."""
+        names = {t.name for t in self.targets}
+        wanted = [(i, self.stack.delta_of(i)) for i in head]
+        wanted = [(i, d) for i, d in wanted if "facts" in d.meta and names & set(d.keys)]
+        facts = [tuple(f) for _, d in wanted for f in json.loads(d.meta["facts"])]
+        if not facts:
+            return {}
+        prefixes = self.config.value.prefixes
+        p = len(prefixes)
+        undo: dict[str, tuple[Target, LowRankUpdate]] = {}
+        for i in tail:  # the later edits, taken off: W - sum u^T v
+            for tname, upd in self.stack.delta_of(i).updates.items():
+                target = self.stack.targets[tname]
+                u, v = -upd.u.float(), upd.v.float()
+                if tname in undo:
+                    u, v = torch.cat([undo[tname][1].u, u]), torch.cat([undo[tname][1].v, v])
+                undo[tname] = (target, LowRankUpdate(u=u, v=v))
+        device = device_of(self.stack.model)
+        undo = {n: (t, LowRankUpdate(u.u.to(device), u.v.to(device))) for n, (t, u) in undo.items()}
+        log.info("%s: reading the keys of %d earlier facts again (%d active edits)", self.method, len(facts),
+                 len(head) + len(tail))
+        with added_updates(self.stack.model, undo):
+            rows = subject_keys(self.stack.model, self._tokenizer, facts, self.targets, prefixes)  # {name: (F * P, d_in)}
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        at = 0
+        for i, d in wanted:
+            n = int(d.meta.get("n_requests", len(json.loads(d.meta["facts"]))))
+            per_name = {}
+            for t in self.targets:
+                if t.name not in d.keys:
+                    continue
+                r = rows[t.name][at * p:(at + n) * p]  # (n * P, d_in)
+                per_name[t.name] = (r / p ** 0.5 if self.config.keep_key_spread
+                                    else r.view(n, p, -1).mean(1))  # as journaled: spread rows or the mean
+            out[i] = per_name
+            at += n
+        return out
 
 
 def group_of(subject: str | None, n_groups: int) -> int:

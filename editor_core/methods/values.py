@@ -321,3 +321,41 @@ def keys_and_states(model: nn.Module, tokenizer, requests: list[EditRequest], ta
     if per_prefix:
         return keys, state, box[0][torch.argsort(req, stable=True)]  # rows of one request together
     return keys, state
+
+
+@torch.no_grad()
+def subject_keys(model: nn.Module, tokenizer, facts: list[tuple[str, str]], targets: list[Target],
+                 prefixes: tuple[str, ...], chunk: int = 64) -> dict[str, torch.Tensor]:
+    """Keys at every target in one pass per chunk of facts: ``{name: (n * P, d_in)}``, the key of each
+    fact ``(prompt, subject)`` behind each prefix, fact-major (rows ``i * P .. i * P + P - 1``).
+
+    The same keys :func:`keys_and_states` reads (its ``per_prefix`` rows), for many facts and layers at
+    once, without a target: what re-reading the keys of earlier facts on the current weights needs.
+    """
+    device = next(model.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+    last = max(t.block for t in targets)
+    for start in range(0, len(facts), chunk):
+        seqs, pos = [], []
+        for prompt, subject in facts[start:start + chunk]:
+            for p in prefixes:
+                ids, at = _subject_last(tokenizer, p + prompt, subject)
+                seqs.append(ids)
+                pos.append(at)
+        ids, mask = right_pad(seqs, pad_id(tokenizer), device)  # (B, T)
+        at = torch.tensor(pos, device=device)  # (B,)
+        rows = torch.arange(len(seqs), device=device)
+
+        def grab(name, rows=rows, at=at):
+            def hook(_module, inputs):
+                out[name].append(inputs[0][rows, at].float())  # (B, d_in)
+            return hook
+
+        handles = [model.get_submodule(t.name).register_forward_pre_hook(grab(t.name)) for t in targets]
+        try:
+            prefix_states(model, ids, mask, last + 1)
+        finally:
+            for h in handles:
+                h.remove()
+    return {name: (torch.cat(parts) if parts else torch.zeros(0, t.d_in, device=device))
+            for (name, parts), t in zip(out.items(), targets, strict=True)}

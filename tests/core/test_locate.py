@@ -11,7 +11,7 @@ import torch
 
 from editor_core.delta import EditDelta
 from editor_core.methods.locate import LocateConfig, LocateEditor, group_of
-from editor_core.methods.values import SubjectError, ValueConfig
+from editor_core.methods.values import SubjectError, ValueConfig, keys_and_states
 from editor_core.requests import EditRequest
 from editor_core.scoring import score_targets
 from editor_core.stack import EditStack
@@ -311,3 +311,40 @@ def test_config_saved_before_a_default_changed_is_read_as_it_was_made(tmp_path):
     new.save(tmp_path)
     again = LocateConfig.load(tmp_path)
     assert again.memit_keep == new.memit_keep and again.value.optimizer == "ngd"
+
+
+def test_key_refresh_reads_earlier_facts_keys_on_the_weights_of_the_active_head(setup, facts):
+    """key_refresh=2: with A and B active, the keys kept for A are A's keys on today's weights (at the
+    lowest layer still the recorded ones; above it moved by B); an edit C after them is taken off for
+    that reading (the head's weights, not C's), and rolling B back reads them again for the new head."""
+    model, tok, stack, stats = setup
+    cfg = keeping("memit", 1.0, d_in(stack))
+    cfg.key_refresh = 2
+    editor = LocateEditor("memit", stack, stats, cfg)
+    req_a = request(facts[0])
+    stack.apply("A", editor.compute_delta(model, tok, [req_a]))
+    stack.apply("B", editor.compute_delta(model, tok, [request(facts[1], 1)]))
+    low, high = editor.targets[0], editor.targets[-1]
+    head, fresh = editor.refreshed_keys(high.name)
+    assert head == ("A", "B") and set(fresh) == {"A", "B"}
+    now = {t.name: keys_and_states(model, tok, [req_a], t, high.block, cfg.value.prefixes)[0] for t in editor.targets}
+    recorded = stack.delta_of("A").keys
+    torch.testing.assert_close(editor.refreshed_keys(low.name)[1]["A"], recorded[low.name], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fresh["A"], now[high.name], rtol=1e-4, atol=1e-5)
+    moved = float((fresh["A"] - recorded[high.name]).norm())
+    noise = float((fresh["A"] - now[high.name]).norm())
+    assert moved > 100 * noise, (moved, noise)  # B moved A's key up there, far beyond reading's rounding
+
+    stack.apply("C", editor.compute_delta(model, tok, [request(facts[2], 2)]))
+    editor._refreshed = ((), {})  # as after a restart: read again, with C taken off by hooks
+    head, again = editor.refreshed_keys(high.name)
+    assert head == ("A", "B")
+    torch.testing.assert_close(again["A"], fresh["A"], rtol=1e-4, atol=1e-4)
+    stack.revert("B")
+    head, after = editor.refreshed_keys(high.name)
+    assert head == ("A", "C") and set(after) == {"A", "C"}
+
+
+def test_key_refresh_must_be_a_whole_number():
+    with pytest.raises(ValueError, match="key_refresh"):
+        LocateConfig(key_refresh=-1)
