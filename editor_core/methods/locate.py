@@ -39,6 +39,7 @@ from editor_core.methods.values import (
     ValueConfig,
     added_updates,
     check_subjects,
+    context_keys,
     keys_and_states,
     optimise_values,
     subject_keys,
@@ -91,6 +92,10 @@ class LocateConfig:
     # (README, "Reading the moved keys again"): the same success at 1,000 stacked edits (0.72), at up to
     # a minute's reading every 50 edits, so it is off
     key_refresh: int = 0
+    # also keep, for every earlier fact, the edited layers' inputs at the tokens of its prompt before the
+    # subject's last one (what that token attends to), so that later edits leave its keys above where they
+    # were instead of only not firing on them as recorded (README, "Reading the moved keys again")
+    keep_context_keys: bool = False
     # ridge on the update (AlphaEdit's L2), relative to trace(C) = E||k||^2 so that one setting fits any
     # key scale: a fact whose key puts a share f of its energy into the null space is inserted to
     # f / (f + alphaedit_lambda) of its residual (before the earlier edits' term)
@@ -115,6 +120,9 @@ class LocateConfig:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
         if not (isinstance(self.key_refresh, int) and self.key_refresh >= 0):
             raise ValueError(f"key_refresh must be a whole number >= 0, not {self.key_refresh!r}")
+        if self.key_refresh and self.keep_context_keys:
+            raise ValueError("key_refresh reads again only the subject's keys; it cannot be combined with "
+                             "keep_context_keys")
 
     def layers(self, method: str) -> list[int]:
         return {"rome": self.rome_layers, "memit": self.memit_layers, "alphaedit": self.alphaedit_layers}[method]
@@ -231,7 +239,11 @@ class LocateEditor:
                 w = self._solve(target, k)  # (n, d_in)
                 solved[target.name] = (target, LowRankUpdate(u=resid.float(), v=w.float()))
                 # what later edits keep: the mean key, or the key behind each prefix (keep_key_spread)
-                keys[target.name] = (rows / len(cfg.value.prefixes) ** 0.5 if cfg.keep_key_spread else k).float()
+                kept = (rows / len(cfg.value.prefixes) ** 0.5 if cfg.keep_key_spread else k).float()
+                if cfg.keep_context_keys:
+                    with added_updates(model, solved):
+                        kept = torch.cat([kept, context_keys(model, tokenizer, reqs, target)])  # (n + m, d_in)
+                keys[target.name] = kept
             steps.append(str(values.steps))
             nlls.append(f"{values.nll:.4f}")
         meta = {"method": self.method, "n_requests": str(len(requests)), "value_steps": ",".join(steps),

@@ -359,3 +359,28 @@ def subject_keys(model: nn.Module, tokenizer, facts: list[tuple[str, str]], targ
                 h.remove()
     return {name: (torch.cat(parts) if parts else torch.zeros(0, t.d_in, device=device))
             for (name, parts), t in zip(out.items(), targets, strict=True)}
+
+
+@torch.no_grad()
+def context_keys(model: nn.Module, tokenizer, requests: list[EditRequest], target: Target) -> torch.Tensor:
+    """(m, d_in) the inputs of ``target`` at every token of each bare prompt *before* its subject's last one.
+
+    What the subject's last token attends to: a later edit that changes the edited layers' output there
+    moves this fact's keys at the layers above, so these are what a later edit must also stay off to
+    leave the fact's keys where they were (``LocateConfig.keep_context_keys``).
+    """
+    device = next(model.parameters()).device
+    seqs, last = [], []
+    for r in requests:
+        ids, pos = _subject_last(tokenizer, r.prompt, r.subject)
+        seqs.append(ids)
+        last.append(pos)
+    ids, mask = right_pad(seqs, pad_id(tokenizer), device)  # (n, T)
+    box: list[torch.Tensor] = []
+    handle = model.get_submodule(target.name).register_forward_pre_hook(lambda _m, inputs: box.append(inputs[0]))
+    try:
+        prefix_states(model, ids, mask, target.block + 1)
+    finally:
+        handle.remove()
+    rows = [box[0][i, :pos].float() for i, pos in enumerate(last)]  # each (pos, d_in)
+    return torch.cat(rows) if rows else torch.zeros(0, target.d_in, device=device)

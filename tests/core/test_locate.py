@@ -348,3 +348,31 @@ def test_key_refresh_reads_earlier_facts_keys_on_the_weights_of_the_active_head(
 def test_key_refresh_must_be_a_whole_number():
     with pytest.raises(ValueError, match="key_refresh"):
         LocateConfig(key_refresh=-1)
+
+
+def test_context_keys_journal_the_prompt_tokens_before_the_subjects_last(setup, facts):
+    """keep_context_keys: the delta keeps, after the fact's key, one row per prompt token before the
+    subject's last one (what it attends to); the edit itself is unchanged, and later edits are held off
+    those rows too (they enter the earlier edits' Gram matrix)."""
+    from editor_core.batching import prompt_ids_and_subject
+
+    model, tok, stack, stats = setup
+    req = request(facts[0])
+    plain = LocateEditor("memit", stack, stats, config(d_in(stack))).compute_delta(model, tok, [req])
+    cfg = config(d_in(stack))
+    cfg.keep_context_keys = True
+    editor = LocateEditor("memit", stack, stats, cfg)
+    ctx = editor.compute_delta(model, tok, [req])
+    ids, flags = prompt_ids_and_subject(tok, req.prompt, req.subject)
+    before = max(i for i, f in enumerate(flags) if f)  # tokens before the subject's last
+    assert before >= 1
+    for name, k in plain.keys.items():
+        assert ctx.keys[name].shape == (1 + before, k.shape[1])
+        torch.testing.assert_close(ctx.keys[name][:1], k)
+        torch.testing.assert_close(ctx.updates[name].v, plain.updates[name].v)
+    stack.apply("A", ctx)
+    name = editor.targets[0].name
+    torch.testing.assert_close(editor.earlier_gram(name), ctx.keys[name].t() @ ctx.keys[name])
+    stack.revert("A")
+    with pytest.raises(ValueError, match="keep_context_keys"):
+        LocateConfig(key_refresh=5, keep_context_keys=True)
