@@ -358,7 +358,8 @@ class LocateEditor:
         names = {t.name for t in self.targets}
         wanted = [(i, self.stack.delta_of(i)) for i in head]
         wanted = [(i, d) for i, d in wanted if "facts" in d.meta and names & set(d.keys)]
-        facts = [tuple(f) for _, d in wanted for f in json.loads(d.meta["facts"])]
+        per_edit = [[tuple(f) for f in json.loads(d.meta["facts"])] for _, d in wanted]  # each edit's facts
+        facts = [f for edit in per_edit for f in edit]
         if not facts:
             return {}
         prefixes = self.config.value.prefixes
@@ -379,8 +380,8 @@ class LocateEditor:
             rows = subject_keys(self.stack.model, self._tokenizer, facts, self.targets, prefixes)  # {name: (F * P, d_in)}
         out: dict[str, dict[str, torch.Tensor]] = {}
         at = 0
-        for i, d in wanted:
-            n = int(d.meta.get("n_requests", len(json.loads(d.meta["facts"]))))
+        for (i, d), edit in zip(wanted, per_edit, strict=True):
+            n = len(edit)
             per_name = {}
             for t in self.targets:
                 if t.name not in d.keys:
