@@ -9,7 +9,9 @@ included) of the (d_in, d_in) uncentred second moment of each layer (mean over t
 memory; stored fp16 where it fits, to keep the shipped file small; the moment is symmetric, so half
 of it is all there is to store; files written before hold the full matrix as ``C.<layer>``), with the
 model fingerprint (exact, and bf16-rounded so a bf16 load of the same model accepts them), the token
-count and a description of the corpus in the metadata.
+count and a description of the corpus in the metadata. ``F.<layer>`` (fp32 upper triangles, optional) is
+the Fisher of ordinary text at a value layer (:mod:`editor_core.methods.value_metric`), the metric the
+value search may measure its steps in; ``fisher_tokens`` in the metadata is how many positions it averages.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class KeyStats:
     fingerprint: str  # editor_core.fingerprint.model_fingerprint of the out-proj targets
     extra: dict = field(default_factory=dict)
     weights_fingerprint: str = ""  # editor_core.fingerprint.weights_fingerprint of them ("" in older files)
+    fisher: dict[int, torch.Tensor] = field(default_factory=dict)  # value layer -> (d, d) fp32 Fisher
+    fisher_tokens: int = 0  # positions the Fisher averages over
 
     @property
     def layers(self) -> list[int]:
@@ -64,8 +68,12 @@ class KeyStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"U.{layer}": _stored(layer, _upper(c), dtype) for layer, c in self.moments.items()}
+        # the Fisher's entries span 1e-7..1e-2 (fp16 would flush the small ones); a value layer's is small
+        tensors.update({f"F.{layer}": _upper(f).float().contiguous() for layer, f in self.fisher.items()})
         meta = {"tokens": str(self.tokens), "corpus": self.corpus, "fingerprint": self.fingerprint,
                 "extra": json.dumps(self.extra, sort_keys=True)}
+        if self.fisher:
+            meta["fisher_tokens"] = str(self.fisher_tokens)
         if self.weights_fingerprint:
             meta["weights_fingerprint"] = self.weights_fingerprint
         save_file(tensors, str(path), metadata=meta)
@@ -97,8 +105,10 @@ class KeyStats:
         moments = {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items() if k.startswith("C.")}
         moments.update({int(k.split(".", 1)[1]): _from_upper(v.float()) for k, v in tensors.items()
                         if k.startswith("U.")})
+        fisher = {int(k.split(".", 1)[1]): _from_upper(v.float()) for k, v in tensors.items() if k.startswith("F.")}
         return cls(moments, int(meta.get("tokens", 0)), meta.get("corpus", ""), meta.get("fingerprint", ""),
-                   json.loads(meta.get("extra", "{}")), meta.get("weights_fingerprint", ""))
+                   json.loads(meta.get("extra", "{}")), meta.get("weights_fingerprint", ""), fisher,
+                   int(meta.get("fisher_tokens", 0)))
 
 
 def _upper(c: torch.Tensor) -> torch.Tensor:
@@ -303,6 +313,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", type=int, default=40_000, help="tokens to average over (2-10x the key width "
                                                                    "gives most of the quality)")
     parser.add_argument("--samples", type=int, default=64, help="model-sampled texts for the sampled corpus")
+    parser.add_argument("--fisher-tokens", type=int, default=12_000,
+                        help="positions of the same corpus to average the value layers' Fisher over (the metric "
+                             "of ValueConfig.metric='fisher'); 0 computes none")
     parser.add_argument("--out", default=None, help="output directory (default: editors/<model>/)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
@@ -326,6 +339,8 @@ def run(args) -> int:
         parser.error(f"--data: no such file {args.data}")
     if args.tokens < 1:
         parser.error("--tokens must be positive")
+    if args.fisher_tokens < 0:
+        parser.error("--fisher-tokens must be 0 (none) or positive")
     loaded = load(args.model, device=args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     out = Path(args.out) if args.out else editors_root() / short_name(args.model)
@@ -348,9 +363,16 @@ def run(args) -> int:
         described.append(f"{args.samples} model-sampled texts (seed {args.seed})")
     stats = collect_key_stats(model, tokenizer, texts, layers, max_tokens=args.tokens, corpus="; ".join(described),
                               progress=not args.no_progress)
-    path = stats.save(out / STATS_FILE)
     if args.layers:
         config.rome_layers, config.memit_layers, config.alphaedit_layers = [layers[-1]], layers, layers
+    if args.fisher_tokens:
+        from editor_core.methods.value_metric import collect_value_fisher
+
+        stats.fisher, stats.fisher_tokens = collect_value_fisher(
+            model, tokenizer, texts, config.value_layers, max_tokens=args.fisher_tokens, seed=args.seed,
+            progress=not args.no_progress)
+    path = stats.save(out / STATS_FILE)
     config.save(out)
-    log.info("wrote %s: layers %s, %d tokens (%s)", path, layers, stats.tokens, stats.corpus)
+    log.info("wrote %s: layers %s, %d tokens (%s); value Fisher at %s from %d positions", path, layers, stats.tokens,
+             stats.corpus, sorted(stats.fisher), stats.fisher_tokens)
     return 0

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from editor_core.delta import EditDelta, LowRankUpdate
+from editor_core.methods.value_metric import preconditioner
 from editor_core.methods.values import (
     ValueConfig,
     added_updates,
@@ -128,6 +129,13 @@ class LocateConfig:
         return {"rome": self.rome_layers, "memit": self.memit_layers, "alphaedit": self.alphaedit_layers}[method]
 
     @property
+    def value_layers(self) -> list[int]:
+        """The layers values are read at: the last layer of each method (of each AlphaEdit layer group)."""
+        n = self.alphaedit_groups  # group g is alphaedit_layers[g::n]
+        last = {self.alphaedit_layers[g::n][-1] for g in range(min(n, len(self.alphaedit_layers)))}
+        return sorted({self.rome_layers[-1], self.memit_layers[-1]} | last)
+
+    @property
     def all_layers(self) -> list[int]:
         return sorted(set(self.rome_layers) | set(self.memit_layers) | set(self.alphaedit_layers))
 
@@ -203,6 +211,16 @@ class LocateEditor:
         self._moments = {n: m.to(device) for n, m in moments.items()} if keeps else {}
         self._c_inv = {n: m.to(device) for n, m in c_inv.items()}
         self._null_basis = {n: b.to(device) for n, b in null_basis.items()}
+        # the value search's metric (ValueConfig.metric = "fisher"): per value layer, from the statistics file
+        self._precond: dict[int, torch.Tensor] = {}
+        if self.config.value.metric == "fisher":
+            wanted = sorted({g[-1].block for g in self.groups})
+            absent = [layer for layer in wanted if layer not in stats.fisher]
+            if absent:
+                raise ValueError(f"value metric 'fisher' needs the value Fisher at blocks {absent}; the key "
+                                 f"statistics have it at {sorted(stats.fisher)}: run `mend stats` again")
+            self._precond = {layer: preconditioner(stats.fisher[layer], self.config.value.metric_ridge).to(device)
+                             for layer in wanted}
         # the Gram matrix of earlier edits' keys (AlphaEdit: in null-space coordinates), memoised per target
         # under the exact list of active edit ids it sums (recomputed whenever that list is not a prefix
         # of the current one): a function of the active edits, never state that outlives them
@@ -230,7 +248,7 @@ class LocateEditor:
         for targets, reqs in self.by_group(requests):
             last = targets[-1].block
             with added_updates(model, solved):
-                values = optimise_values(model, tokenizer, reqs, last, cfg.value)
+                values = optimise_values(model, tokenizer, reqs, last, cfg.value, self._precond.get(last))
             for i, target in enumerate(targets):
                 with added_updates(model, solved):
                     k, state, rows = keys_and_states(model, tokenizer, reqs, target, last, cfg.value.prefixes,

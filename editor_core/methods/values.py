@@ -44,6 +44,7 @@ DEFAULT_PREFIXES: tuple[str, ...] = ("", "The following is true. ", "Here is a f
                                      "As everyone knows, ")
 KL_TEMPLATE = "{subject} is a"
 OPTIMIZERS = ("ngd", "adam")
+METRICS = ("euclidean", "fisher")
 
 
 class SubjectError(ValueError):
@@ -67,11 +68,23 @@ class ValueConfig:
     clamp_norm: float = 0.75  # ||delta|| <= clamp_norm * ||h||
     stop_nll: float = 0.05  # stop once every request's target NLL is below this and every token is top-1
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+    # what an ngd step's direction is steepest in: "euclidean", the gradient itself; "fisher", the gradient
+    # times (F / mean diag F + metric_ridge I)^-1, with F the Fisher of ordinary text at the value layer
+    # (methods/value_metric.py; shipped in the key statistics file), so the value reaches its target by
+    # directions that what the edit leaks onto ordinary text costs less in
+    metric: str = "euclidean"
+    metric_ridge: float = 0.3
 
     def __post_init__(self) -> None:
         # refused when the config is built or loaded (locate_config.json), not at the first edit
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"ValueConfig.optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"ValueConfig.metric must be one of {METRICS}, not {self.metric!r}")
+        if self.metric == "fisher" and self.optimizer != "ngd":
+            raise ValueError("ValueConfig.metric 'fisher' steers the normalised descent: it needs optimizer 'ngd'")
+        if not self.metric_ridge > 0:
+            raise ValueError(f"ValueConfig.metric_ridge must be > 0, not {self.metric_ridge}")
 
 
 @dataclass
@@ -234,13 +247,19 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 def optimise_values(model: nn.Module, tokenizer, requests: list[EditRequest], layer: int,
-                    cfg: ValueConfig) -> Values:
+                    cfg: ValueConfig, precond: torch.Tensor | None = None) -> Values:
     """Find, per request, the state leaving block ``layer`` at the subject that makes the target come out.
 
     At most ``cfg.steps`` evaluations of the objective, stopping once every request's target NLL is
     below ``cfg.stop_nll`` and every target token is top-1. With ``ngd`` a request that has got there
     stops moving while the others go on (in a batch, each fact's value is as small as it can be).
+    ``precond`` (d, d), symmetric, turns each ngd step from the gradient ``g`` to ``g @ precond``
+    (``metric = "fisher"``: :func:`~editor_core.methods.value_metric.preconditioner`); it is required
+    exactly when the config asks for that metric.
     """
+    if (precond is not None) != (cfg.metric == "fisher"):
+        raise ValueError(f"value metric {cfg.metric!r} " + ("needs a preconditioner (the value Fisher)"
+                                                           if precond is None else "takes no preconditioner"))
     problem = ValueProblem(model, tokenizer, requests, layer, cfg)
     delta = torch.zeros_like(problem.h, requires_grad=True)  # (n, d)
     opt = torch.optim.Adam([delta], lr=cfg.lr) if cfg.optimizer == "adam" else None
@@ -259,6 +278,8 @@ def optimise_values(model: nn.Module, tokenizer, requests: list[EditRequest], la
                 opt.step()
             else:
                 with torch.no_grad():
+                    if precond is not None:
+                        grad = grad @ precond.to(grad.dtype)  # (n, d): steepest in the Fisher metric
                     step = grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (n, d) unit rows
                     delta -= cfg.step_size * problem.h_norm * step * (~done).unsqueeze(-1)  # done rows stay
             with torch.no_grad():  # the norm bound

@@ -25,12 +25,22 @@ def test_stats_from_sampled_and_counterfact_text(tiny_model_dir, tmp_path, facts
     assert stats.fingerprint == stats_fingerprint(tiny_llama, [1, 2])
     cfg = LocateConfig.load(out)
     assert (out / CONFIG_FILE).is_file() and cfg.rome_layers == [2] and cfg.alphaedit_layers == [1, 2]
+    # the value search's metric, at the layer values are read at (the last edited one)
+    assert sorted(stats.fisher) == [2] and stats.fisher[2].shape == (32, 32) and stats.fisher_tokens > 0
+
+
+def test_stats_without_the_fisher(tiny_model_dir, tmp_path):
+    out = tmp_path / "stats"
+    rc = main(["stats", "--model", str(tiny_model_dir), "--layers", "1", "2", "--samples", "8", "--tokens", "100",
+               "--fisher-tokens", "0", "--no-progress", "--out", str(out)])
+    assert rc == 0 and KeyStats.load(out / STATS_FILE).fisher == {}
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--corpus", "counterfact"], "needs --data"),
     (["--data", "/nonexistent.json"], "no such file"),
     (["--layers", "9"], "--layers"),
+    (["--fisher-tokens", "-1"], "--fisher-tokens"),
 ])
 def test_stats_refuses_bad_arguments(tiny_model_dir, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -12,6 +12,7 @@ from editor_core import models
 from editor_core.canary import CanarySet
 from editor_core.checkpoint import all_stack_targets, default_editor_dir
 from editor_core.methods.locate import LocateConfig, LocateEditor
+from editor_core.methods.value_metric import preconditioner
 from editor_core.methods.values import optimise_values
 from editor_core.requests import EditRequest
 from editor_core.scoring import score_targets
@@ -75,8 +76,27 @@ def test_normalised_descent_reaches_the_target_with_a_smaller_value_than_adam(re
     for fact in FACTS[:2]:
         norms = {}
         for name in ("ngd", "adam"):
-            cfg = dataclasses.replace(shipped, optimizer=name, steps=40)
+            cfg = dataclasses.replace(shipped, optimizer=name, steps=40, metric="euclidean")
             v = optimise_values(lm.model, lm.tokenizer, [fact], layer, cfg)
             assert v.nll < cfg.stop_nll, f"{name}: NLL {v.nll:.3f} after {v.steps} steps for {fact.prompt!r}"
             norms[name] = float((v.z - v.h).norm() / v.h.norm())
         assert norms["ngd"] < 0.8 * norms["adam"], (fact.prompt, norms)
+
+
+def test_the_fisher_metric_reaches_the_target_by_a_value_that_costs_ordinary_text_less(real):
+    lm, stack, editor = real
+    stats = KeyStats.load(default_editor_dir(models.DEFAULT_MODEL) / STATS_FILE)
+    layer = editor.targets[-1].block
+    assert layer in stats.fisher, "the shipped statistics carry the value Fisher at the value layer"
+    fisher = stats.fisher[layer]
+    base = dataclasses.replace(editor.config.value, optimizer="ngd", steps=40)
+    for fact in FACTS[:2]:
+        cost = {}
+        for metric in ("euclidean", "fisher"):
+            cfg = dataclasses.replace(base, metric=metric)
+            precond = preconditioner(fisher, cfg.metric_ridge) if metric == "fisher" else None
+            v = optimise_values(lm.model, lm.tokenizer, [fact], layer, cfg, precond)
+            assert v.nll < cfg.stop_nll, f"{metric}: NLL {v.nll:.3f} after {v.steps} steps for {fact.prompt!r}"
+            delta = (v.z - v.h)[0]
+            cost[metric] = float(delta @ fisher @ delta)
+        assert cost["fisher"] < 0.8 * cost["euclidean"], (fact.prompt, cost)
