@@ -328,7 +328,7 @@ def run(args) -> int:
     import random
 
     from editor_core.checkpoint import editors_root
-    from editor_core.methods.locate import LocateConfig
+    from editor_core.methods.locate import CONFIG_FILE, LocateConfig
     from editor_core.models import load, short_name
 
     parser = args._stats_parser
@@ -344,7 +344,11 @@ def run(args) -> int:
     loaded = load(args.model, device=args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     out = Path(args.out) if args.out else editors_root() / short_name(args.model)
+    fresh = not (out / CONFIG_FILE).is_file()
     config = LocateConfig.load(out)  # keep a tuned config already there; defaults otherwise
+    if config.value.metric == "fisher" and not args.fisher_tokens:
+        parser.error(f"--fisher-tokens 0: the config in {out} measures values in the Fisher metric "
+                     "(value.metric), which needs it; give --fisher-tokens, or set value.metric to 'euclidean'")
     layers = sorted(set(args.layers)) if args.layers else config.all_layers
     try:
         out_proj_targets(model, layers)
@@ -371,6 +375,8 @@ def run(args) -> int:
         stats.fisher, stats.fisher_tokens = collect_value_fisher(
             model, tokenizer, texts, config.value_layers, max_tokens=args.fisher_tokens, seed=args.seed,
             progress=not args.no_progress)
+        if fresh:  # a new config measures values in it, as the shipped one does (README, "Measuring a value")
+            config.value.metric = "fisher"
     path = stats.save(out / STATS_FILE)
     config.save(out)
     log.info("wrote %s: layers %s, %d tokens (%s); value Fisher at %s from %d positions", path, layers, stats.tokens,

@@ -25,8 +25,28 @@ def test_stats_from_sampled_and_counterfact_text(tiny_model_dir, tmp_path, facts
     assert stats.fingerprint == stats_fingerprint(tiny_llama, [1, 2])
     cfg = LocateConfig.load(out)
     assert (out / CONFIG_FILE).is_file() and cfg.rome_layers == [2] and cfg.alphaedit_layers == [1, 2]
-    # the value search's metric, at the layer values are read at (the last edited one)
+    # the value search's metric, at the layer values are read at (the last edited one), and a new config uses it
     assert sorted(stats.fisher) == [2] and stats.fisher[2].shape == (32, 32) and stats.fisher_tokens > 0
+    assert cfg.value.metric == "fisher"
+
+
+def test_a_config_already_there_keeps_its_metric_and_is_not_left_without_the_fisher(tiny_model_dir, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "stats"
+    out.mkdir()
+    LocateConfig(memit_layers=[1, 2], alphaedit_layers=[1, 2], rome_layers=[2]).save(out)  # euclidean values
+    common = ["stats", "--model", str(tiny_model_dir), "--samples", "8", "--tokens", "100", "--no-progress",
+              "--out", str(out)]
+    assert main(common) == 0
+    assert LocateConfig.load(out).value.metric == "euclidean" and KeyStats.load(out / STATS_FILE).fisher
+    cfg = LocateConfig.load(out)
+    cfg.value.metric = "fisher"
+    cfg.save(out)
+    before = (out / STATS_FILE).read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--fisher-tokens", "0"])
+    assert exit_info.value.code == 2 and "value.metric" in capsys.readouterr().err
+    assert (out / STATS_FILE).read_bytes() == before  # refused before anything was written
 
 
 def test_stats_without_the_fisher(tiny_model_dir, tmp_path):
