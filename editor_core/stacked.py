@@ -8,7 +8,10 @@ in docs/RESULTS.md.
 
 With ``delta_dir``, each computed delta is saved (safetensors bytes, with its compute time in the
 file name's sidecar) and loaded instead of recomputed on a rerun, so a long run that was cut off
-resumes where it stopped and gives the same weights bit for bit.
+resumes where it stopped and gives the same weights bit for bit. With ``settings`` (what decides the
+deltas: method, configuration, statistics) the cache also keeps them in ``settings.json`` and refuses to
+resume under other ones, so a changed default or a lever tried under a reused name cannot mix deltas of
+two settings in one curve.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def stacked_curve(
     on_point: Callable[[dict], None] | None = None,
     progress: bool = True,
     pre_cache: str | Path | None = None,
+    settings: dict | None = None,
 ) -> list[dict]:
     """Edit ``records`` one after another; at each checkpoint score the facts edited so far.
 
@@ -55,16 +59,22 @@ def stacked_curve(
     of them, in the same order) and written otherwise; used only when the stack holds no edits on entry.
     Scoring 1,000 records takes about a quarter of an hour on one CPU thread, and every run on the
     same records needs the same figures.
+
+    ``settings``: JSON describing what decides the deltas (e.g. ``LocateEditor.settings()``), checked
+    against the one ``delta_dir`` was made with (ValueError when they differ, or when it holds deltas
+    made with none recorded) and recorded there when it is new.
     """
     checkpoints = sorted({c for c in checkpoints if 1 <= c <= len(records)})
     if not checkpoints:
         raise ValueError("no checkpoint within the number of records")
     records = records[: checkpoints[-1]]
-    pre, loc_greedy = _unedited_scores(model, tokenizer, stack, records,
-                                       Path(pre_cache) if pre_cache and not stack.active_ids else None)
     cache = Path(delta_dir) if delta_dir else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
+        if settings is not None:
+            _claim_cache(cache, settings)  # before the unedited scores: a refusal should cost nothing
+    pre, loc_greedy = _unedited_scores(model, tokenizer, stack, records,
+                                       Path(pre_cache) if pre_cache and not stack.active_ids else None)
     prior = [(i, stack.delta_of(i)) for i in stack.active_ids]
     times: list[float] = []
     points: list[dict] = []
@@ -105,6 +115,36 @@ def stacked_curve(
         bar.close()
         stack.rebuild(prior)
     return points
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def _claim_cache(cache: Path, settings: dict) -> None:
+    """Record ``settings`` in a new delta cache; refuse one made under other settings."""
+    settings = json.loads(json.dumps(settings))  # tuples become lists, as they read back
+    path = cache / SETTINGS_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            changed = sorted(_changed_keys(saved, settings))
+            raise ValueError(f"the delta cache {cache} was made with other settings (differing: {changed}); "
+                             "name another cache or remove this one")
+        return
+    if any(cache.glob("*.safetensors")):
+        raise ValueError(f"the delta cache {cache} holds deltas made before settings were recorded; "
+                         f"write the settings they were made with to {path}, or name another cache")
+    path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+
+
+def _changed_keys(a, b, prefix: str = "") -> list[str]:
+    """Dotted names of the entries in which two JSON objects differ."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "."]
+    out = []
+    for key in sorted(set(a) | set(b)):
+        out += _changed_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+    return out
 
 
 def _unedited_scores(model, tokenizer, stack, records: list[EditRecord], path: Path | None

@@ -8,6 +8,13 @@ under ``runs/results/`` once finished (a stacked run also caches every delta it 
 run resumes where it stopped). Every invocation runs the stages it is asked for that are not cached
 yet, then rewrites the markdown from every cached stage; stages not run are listed as such. Two
 processes with one torch thread each can run different stages side by side.
+
+A stacked stage of ROME, MEMIT or AlphaEdit edits a stack of the method's own layers, as
+``tools.stacked_variant`` does, and its delta cache records the editor's settings: the cache of a variant
+run with the shipped settings can be copied to ``runs/results/<stage>.deltas`` and is re-scored, not
+recomputed (a cache made with other settings is refused). ``--restore docs/results.json`` puts the stages
+a committed report holds back into the cache, so a machine without ``runs/results`` reruns only what
+changed; each stage's line in the report says when it ran and with which settings.
 """
 
 from __future__ import annotations
@@ -23,10 +30,16 @@ from pathlib import Path
 
 import torch
 
+from service.settings import Settings
+
 log = logging.getLogger("results")
 
 METHODS = ("ft", "mend", "rome", "memit", "alphaedit")
-DEFAULT_METHOD = "alphaedit"
+LOCATE = ("rome", "memit", "alphaedit")
+# the service's shipped default (MEND_DEFAULT_METHOD unset); it and the best other method on stacked edits
+# run 1,000 of them
+DEFAULT_METHOD = Settings.model_fields["default_method"].default
+LONG = (DEFAULT_METHOD, "alphaedit" if DEFAULT_METHOD != "alphaedit" else "memit")
 CACHE = Path("runs/results")
 COLUMNS = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc", "locality_acc", "success",
            "paraphrase_success", "neighbour_kept")
@@ -46,10 +59,10 @@ def stages(args) -> list[Stage]:
     """Every stage of a full run, in the order they are run."""
     out = [Stage(f"single-{DEFAULT_METHOD}", DEFAULT_METHOD, "single", "counterfact", args.single_default)]
     out += [Stage(f"single-{m}", m, "single", "counterfact", args.single) for m in METHODS if m != DEFAULT_METHOD]
-    # the default method's sequential-100 figures are the 100-edit point of its 1,000-edit run
-    out += [Stage(f"stacked-{m}", m, "stacked", "counterfact", args.stacked) for m in METHODS if m != DEFAULT_METHOD]
+    # the sequential-100 figures of a method with a 1,000-edit run are that run's 100-edit point
+    out += [Stage(f"stacked-{m}", m, "stacked", "counterfact", args.stacked) for m in METHODS if m not in LONG]
     out += [Stage(f"batch-{m}", m, "batch", "counterfact", args.batch) for m in METHODS]
-    out += [Stage(f"stacked1000-{m}", m, "stacked", "counterfact", args.stacked_long) for m in (DEFAULT_METHOD, "rome")]
+    out += [Stage(f"stacked1000-{m}", m, "stacked", "counterfact", args.stacked_long) for m in LONG]
     out.sort(key=lambda s: s.name != f"stacked1000-{DEFAULT_METHOD}")  # the longest first: it may be cut short
     out += [Stage(f"zsre-{m}", m, "single", "zsre", args.zsre) for m in METHODS]
     out.append(Stage("latency", "all", "latency", "counterfact", args.latency))
@@ -68,6 +81,7 @@ def run_stage(stage: Stage, args) -> dict:
     from editor_core.stack import EditStack
     from editor_core.stacked import stacked_curve
     from editor_core.stats import STATS_FILE, KeyStats
+    from editor_core.targets import out_proj_targets
 
     lm = models.load(args.model)
     model, tok = lm.model, lm.tokenizer
@@ -96,27 +110,43 @@ def run_stage(stage: Stage, args) -> dict:
                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
                "load_average": round(os.getloadavg()[0], 1)}
         return out
+    if stage.kind == "stacked" and stage.method in LOCATE:
+        # only the method's own layers: the same stack (fingerprint) as tools.stacked_variant's, so a variant
+        # run's delta cache made with these settings serves this stage
+        stack = EditStack(model, out_proj_targets(model, LocateConfig.load(stats_dir).layers(stage.method)))
     editor = make_editor(stage.method)
     canaries = CanarySet(model, tok)
     if stage.kind == "stacked":
         points_file = CACHE / f"{stage.name}.points.json"
         points = stacked_curve(model, tok, stack, editor, records, list(CHECKPOINTS) + [len(records)],
                                canaries=canaries, delta_dir=CACHE / f"{stage.name}.deltas",
-                               on_point=lambda p: _append(points_file, p), progress=not args.no_progress)
-        pre = evaluate(model, tok, stack, None, records, progress=False).pre
-        out = {"pre": pre, "post": points[-1]["post"], "edit_ms": points[-1]["edit_ms"], "points": points,
-               "canary": points[-1].get("canary")}
+                               on_point=lambda p: _append(points_file, p), progress=not args.no_progress,
+                               pre_cache=CACHE / f"unedited-{stage.data}-{stack.fingerprint[:12]}.json",
+                               settings=_settings(editor))
+        # the unedited model on the same records (an unedited neighbour keeps its own answer)
+        out = {"pre": {**points[-1]["pre"], "neighbour_kept": 1.0}, "post": points[-1]["post"],
+               "edit_ms": points[-1]["edit_ms"], "points": points, "canary": points[-1].get("canary")}
     else:
         batch = stage.n if stage.kind == "batch" else 1
         rep = evaluate(model, tok, stack, editor, records, batch_size=batch, progress=not args.no_progress,
                        canaries=canaries)
         out = {"pre": rep.pre, "post": rep.post, "edit_ms": rep.edit_ms}
-    if stage.method in ("rome", "memit", "alphaedit"):
+    if stage.method in LOCATE:
         out["stats_corpus"] = KeyStats.load(Path(stats_dir) / STATS_FILE).corpus
+        out["settings"] = editor.settings()
     out.update({"stage": stage.__dict__, "records": len(records), "seconds": round(time.time() - started),
                 "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
                 "load_average": round(os.getloadavg()[0], 1)})
     return out
+
+
+def _settings(editor) -> dict:
+    """What decides an editor's deltas (JSON), recorded in and checked against a stacked stage's delta cache."""
+    from dataclasses import asdict
+
+    if editor.method in LOCATE:
+        return editor.settings()
+    return {"method": editor.method, "config": asdict(editor.config), "editor_id": getattr(editor, "editor_id", None)}
 
 
 def latency(model, tok, stack, editors: dict, records) -> dict:
@@ -192,7 +222,7 @@ def render(args, all_stages: list[Stage]) -> None:
         lines += [f"- `{name}`: {d['records']} records, {d['seconds']} s, finished {d['finished']}, "
                   f"{d['threads']} torch thread(s), load average {d['load_average']}"
                   + (f", key statistics: {d.get('stats_corpus') or 'not recorded (made before the shipped ones)'}"
-                     if d["stage"]["method"] in ("rome", "memit", "alphaedit") else "")
+                     f", {_value_metric(d)}" if d["stage"]["method"] in LOCATE else "")
                   for name, d in done.items()]
         lines += [f"- `{name}`: cut short after {points[-1]['n']} edits (its checkpoints are shown)"
                   for name, points in partial.items() if points]
@@ -212,11 +242,11 @@ def render(args, all_stages: list[Stage]) -> None:
                              and d["records"] == args.stacked), None)
         if pre_done:
             lines.append(row("unedited", pre_done["records"], pre_done["pre"]))
-        if kind == "stacked":  # the default method: the 100-edit point of its long run
+        if kind == "stacked":  # a method with a long run: the 100-edit point of it
             for s in all_stages:
                 points = (done.get(s.name) or {}).get("points") or partial.get(s.name) or []
                 at = [p for p in points if p["n"] == args.stacked]
-                if s.name.startswith("stacked1000") and s.method == DEFAULT_METHOD and at:
+                if s.name.startswith("stacked1000") and at:
                     lines.append(row(f"{s.method} (point {args.stacked} of `{s.name}`)", args.stacked, at[0]["post"],
                                      at[0]["edit_ms"]))
         for s in mine:
@@ -263,6 +293,25 @@ def render(args, all_stages: list[Stage]) -> None:
     (out / "results.json").write_text(json.dumps({"stages": done, "partial": partial}, indent=1))
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s (%d stages finished)", out / "RESULTS.md", len(done))
+
+
+def _value_metric(stage: dict) -> str:
+    """How a locate-then-edit stage measured its values, from the settings it recorded."""
+    settings = stage.get("settings")
+    if not settings:  # stages made before settings were recorded: before the Fisher metric existed
+        return "values in the Euclidean metric (settings not recorded)"
+    return f"values in the {settings['config']['value'].get('metric', 'euclidean')} metric"
+
+
+def _restore(path: Path, all_stages: list[Stage]) -> list[str]:
+    """Write the finished stages a results.json holds into the cache, where the cache has none."""
+    saved = json.loads(path.read_text()).get("stages", {})
+    restored = []
+    for s in all_stages:
+        if s.name in saved and not (CACHE / f"{s.name}.json").is_file():
+            (CACHE / f"{s.name}.json").write_text(json.dumps(saved[s.name], indent=1))
+            restored.append(s.name)
+    return restored
 
 
 def _latency_section(d: dict | None) -> list[str]:
@@ -323,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--render", action="store_true", help="only rewrite the markdown")
+    p.add_argument("--restore", type=Path, metavar="RESULTS_JSON",
+                   help="first put the finished stages of this results.json (e.g. docs/results.json) into the cache")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="docs")
     args = p.parse_args(argv)
@@ -339,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
 
     pin_mmap_threshold()  # a long stacked run otherwise grows by megabytes an edit
     CACHE.mkdir(parents=True, exist_ok=True)
+    if args.restore:
+        if not args.restore.is_file():
+            p.error(f"--restore {args.restore}: no such file")
+        log.info("restored from %s: %s", args.restore, _restore(args.restore, all_stages) or "nothing new")
     if not args.render:
         for s in [known[w] for w in wanted] if wanted else all_stages:
             if (CACHE / f"{s.name}.json").is_file():

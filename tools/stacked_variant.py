@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger("stacked_variant")
 
-SHOWN = ("efficacy_acc", "efficacy", "paraphrase_acc", "neighborhood_acc", "success", "paraphrase_success",
+SHOWN = ("efficacy_acc", "efficacy", "paraphrase_acc", "neighborhood", "neighborhood_acc", "success", "paraphrase_success",
          "neighbour_kept")
 
 
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stacked_curve(model, tok, stack, editor, records, args.checkpoints, canaries=CanarySet(model, tok),
                   delta_dir=args.deltas or out.with_suffix(".deltas"), on_point=on_point, progress=True,
-                  pre_cache=args.pre_cache or out.parent / f"unedited-{Path(args.data).stem}.json")
+                  pre_cache=args.pre_cache or out.parent / f"unedited-{Path(args.data).stem}.json",
+                  settings=editor.settings())
     return 0
 
 

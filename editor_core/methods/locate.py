@@ -194,6 +194,10 @@ class LocateEditor:
         if absent:
             raise ValueError(f"{method}: targets {absent} are not covered by the edit stack")
         self.fingerprint = stack.fingerprint
+        # which statistics these deltas come from, for settings(): two files of the same corpus and size
+        # hold the same moments
+        self._stats_id = {"corpus": stats.corpus, "tokens": stats.tokens, "fisher_tokens": stats.fisher_tokens,
+                          "fingerprint": stats.fingerprint}
         ridge = self.config.ridge
         moments = {t.name: _ridged(stats.moments[t.block], ridge) for t in self.targets}  # (d_in, d_in)
         # method-specific precomputation, from the statistics only (never from edits), done on the CPU
@@ -231,6 +235,11 @@ class LocateEditor:
         self._tokenizer = None
 
     # ---- the Editor protocol -------------------------------------------------------------------
+    def settings(self) -> dict:
+        """What decides this editor's deltas besides the weights they are computed on, as JSON: a cache of
+        deltas (:func:`editor_core.stacked.stacked_curve`) made under other settings is refused by it."""
+        return {"method": self.method, "config": self.config.to_dict(), "stats": dict(self._stats_id)}
+
     def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
         """Per layer group: values at its last layer, then one closed-form solve per layer, lowest first.
 

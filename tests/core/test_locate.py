@@ -229,6 +229,19 @@ def test_editor_refuses_layers_without_statistics(setup):
         LocateEditor("memit", stack, stats, cfg)
 
 
+def test_settings_name_what_decides_the_deltas(setup):
+    _, _, stack, stats = setup
+    memit = LocateEditor("memit", stack, stats, config(d_in(stack))).settings()
+    assert memit["method"] == "memit" and memit["stats"]["tokens"] == stats.tokens
+    assert LocateEditor("rome", stack, stats, config(d_in(stack))).settings()["method"] == "rome"
+    cfg = config(d_in(stack))
+    cfg.value.steps += 1
+    assert LocateEditor("memit", stack, stats, cfg).settings()["config"]["value"]["steps"] == \
+        memit["config"]["value"]["steps"] + 1
+    stats.corpus = "other text"
+    assert LocateEditor("memit", stack, stats, config(d_in(stack))).settings()["stats"]["corpus"] == "other text"
+
+
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
 def test_same_fact_corrected_twice_later_wins_and_rollback_restores_the_earlier(setup, facts, method):
     model, tok, stack, stats = setup

@@ -68,3 +68,34 @@ def test_unedited_scores_are_cached_for_the_same_model_and_records(tiny_llama, t
     with pytest.raises(AssertionError, match="scored again"):
         stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[1:4], [3],
                       progress=False, pre_cache=cache)
+
+
+def test_a_delta_cache_is_reused_only_under_the_settings_it_was_made_with(tiny_llama, tiny_tokenizer, records,
+                                                                          tmp_path):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama, ["model.layers.1.mlp.down_proj"]))
+    cache = tmp_path / "deltas"
+    settings = {"method": "fixed", "config": {"steps": 40, "prefixes": ("", "I read that ")}}
+    editor = FixedEditor(stack)
+    stacked_curve(tiny_llama, tiny_tokenizer, stack, editor, records[:4], [4], delta_dir=cache, progress=False,
+                  settings=settings)
+    assert len(editor.calls) == 4 and (cache / "settings.json").is_file()
+
+    # the same settings (tuples read back as lists): every delta comes from the cache
+    again = FixedEditor(stack)
+    stacked_curve(tiny_llama, tiny_tokenizer, stack, again, records[:4], [4], delta_dir=cache, progress=False,
+                  settings={"method": "fixed", "config": {"steps": 40, "prefixes": ["", "I read that "]}})
+    assert again.calls == []
+
+    # other settings: refused, naming what differs, with the cache left as it was
+    before = sorted(p.name for p in cache.iterdir())
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['config.steps'\]\)"):
+        stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[:4], [4], delta_dir=cache,
+                      progress=False, settings={**settings, "config": {**settings["config"], "steps": 10}})
+    assert sorted(p.name for p in cache.iterdir()) == before
+    assert stack.active_ids == []
+
+    # deltas of unknown settings (a cache made without them) are not adopted under some
+    (cache / "settings.json").unlink()
+    with pytest.raises(ValueError, match="before settings were recorded"):
+        stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[:4], [4], delta_dir=cache,
+                      progress=False, settings=settings)

@@ -35,3 +35,52 @@ def test_latency_times_each_method_and_leaves_the_model_untouched(tiny_model, ti
     table = "\n".join(_latency_section({"latency": out, "records": 3, "threads": 1, "load_average": 0.0,
                                         "finished": "now"}))
     assert "| rome |" in table and "| alphaedit |" in table
+
+
+def _args(**over):
+    import argparse
+
+    base = dict(single=300, single_default=1919, batch=100, stacked=100, stacked_long=1000, zsre=100, latency=20)
+    return argparse.Namespace(**{**base, **over})
+
+
+def test_the_default_and_the_runner_up_run_1000_stacked_edits_and_take_their_100_point_from_them():
+    from service.settings import Settings
+    from tools.results import DEFAULT_METHOD, LONG, stages
+
+    assert DEFAULT_METHOD == Settings.model_fields["default_method"].default and DEFAULT_METHOD in LONG
+    names = [s.name for s in stages(_args())]
+    assert names[0] == f"stacked1000-{DEFAULT_METHOD}"  # the longest first: it may be cut short
+    for m in LONG:
+        assert f"stacked1000-{m}" in names and f"stacked-{m}" not in names
+    assert f"stacked-{next(m for m in ('rome', 'mend') if m not in LONG)}" in names
+    single = next(s for s in stages(_args()) if s.name == f"single-{DEFAULT_METHOD}")
+    assert single.n == 1919
+
+
+def test_restore_puts_back_only_the_stages_the_cache_lacks(tmp_path, monkeypatch):
+    import json
+
+    import tools.results as results
+
+    monkeypatch.setattr(results, "CACHE", tmp_path / "cache")
+    results.CACHE.mkdir()
+    all_stages = results.stages(_args())
+    kept = {"records": 5, "mine": True}
+    (results.CACHE / "single-rome.json").write_text(json.dumps(kept))
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps({"stages": {"single-rome": {"records": 9}, "single-mend": {"records": 7},
+                                            "gone-stage": {"records": 1}}, "partial": {}}))
+
+    assert results._restore(saved, all_stages) == ["single-mend"]
+    assert json.loads((results.CACHE / "single-rome.json").read_text()) == kept  # a cached stage wins
+    assert json.loads((results.CACHE / "single-mend.json").read_text()) == {"records": 7}
+    assert not (results.CACHE / "gone-stage.json").exists()  # no longer a stage of the report
+
+
+def test_a_stage_line_says_which_metric_its_values_were_measured_in():
+    from tools.results import _value_metric
+
+    assert "Euclidean" in _value_metric({"stage": {"method": "memit"}})
+    fisher = {"settings": {"config": {"value": {"metric": "fisher"}}}}
+    assert _value_metric(fisher) == "values in the fisher metric"
