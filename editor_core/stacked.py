@@ -77,13 +77,15 @@ def stacked_curve(
                                        Path(pre_cache) if pre_cache and not stack.active_ids else None)
     prior = [(i, stack.delta_of(i)) for i in stack.active_ids]
     times: list[float] = []
+    from_cache = 0  # deltas read from the cache: their times are the ones recorded when they were computed
     points: list[dict] = []
     bar = tqdm(total=len(records), desc=f"stacked ({editor.method})", unit="edit", disable=not progress)
     try:
         for i, rec in enumerate(records):
-            delta, ms = _delta(model, tokenizer, stack, editor, rec, cache, i)
+            delta, ms, cached = _delta(model, tokenizer, stack, editor, rec, cache, i)
             stack.apply(f"__stacked-{i}", delta)
             times.append(ms)
+            from_cache += cached
             bar.update(1)
             n = i + 1
             if n not in checkpoints:
@@ -104,7 +106,8 @@ def stacked_curve(
                      "post_oldest": mean_metrics(rows[:oldest]),
                      "pre": mean_metrics([record_metrics(pre[k]) for k in range(n)]),  # unedited, same facts
                      "edit_ms": {"median": float(np.median(times)), "p95": float(np.percentile(times, 95)),
-                                 "recent_median": float(np.median(recent))}}
+                                 "recent_median": float(np.median(recent))},
+                     "from_cache": from_cache}
             if canaries is not None:
                 point["canary"] = canaries.check(model).to_dict()
             points.append(point)
@@ -168,16 +171,18 @@ def _unedited_scores(model, tokenizer, stack, records: list[EditRecord], path: P
     return pre, loc_greedy
 
 
-def _delta(model, tokenizer, stack, editor, rec: EditRecord, cache: Path | None, i: int) -> tuple[EditDelta, float]:
-    """The i-th edit's delta: from the cache when a previous run saved it, else computed (and saved)."""
+def _delta(model, tokenizer, stack, editor, rec: EditRecord, cache: Path | None, i: int
+           ) -> tuple[EditDelta, float, bool]:
+    """The i-th edit's delta, its compute time, and whether it came from the cache (where a previous run
+    saved it; else it is computed and saved)."""
     blob = cache / f"{i:05d}.safetensors" if cache is not None else None
     if blob is not None and blob.is_file():
         meta = json.loads(blob.with_suffix(".json").read_text())
-        return EditDelta.from_bytes(blob.read_bytes(), stack.fingerprint, stack.shapes), float(meta["ms"])
+        return EditDelta.from_bytes(blob.read_bytes(), stack.fingerprint, stack.shapes), float(meta["ms"]), True
     t0 = time.perf_counter()
     delta = editor.compute_delta(model, tokenizer, [rec.to_request()])
     ms = (time.perf_counter() - t0) * 1000.0
     if blob is not None:
         blob.write_bytes(delta.to_bytes())
         blob.with_suffix(".json").write_text(json.dumps({"ms": ms, "case_id": rec.case_id}))
-    return delta, ms
+    return delta, ms, False

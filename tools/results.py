@@ -223,6 +223,7 @@ def render(args, all_stages: list[Stage]) -> None:
                   f"{d['threads']} torch thread(s), load average {d['load_average']}"
                   + (f", key statistics: {d.get('stats_corpus') or 'not recorded (made before the shipped ones)'}"
                      f", {_value_metric(d)}" if d["stage"]["method"] in LOCATE else "")
+                  + _cached_note(d)
                   for name, d in done.items()]
         lines += [f"- `{name}`: cut short after {points[-1]['n']} edits (its checkpoints are shown)"
                   for name, points in partial.items() if points]
@@ -301,6 +302,15 @@ def _value_metric(stage: dict) -> str:
     if not settings:  # stages made before settings were recorded: before the Fisher metric existed
         return "values in the Euclidean metric (settings not recorded)"
     return f"values in the {settings['config']['value'].get('metric', 'euclidean')} metric"
+
+
+def _cached_note(stage: dict) -> str:
+    """For a stacked stage that re-scored deltas an earlier run computed: how many, and whose times."""
+    cached = ((stage.get("points") or [{}])[-1]).get("from_cache")
+    if not cached:
+        return ""
+    return (f"; {cached} of its {stage['records']} deltas read from an earlier run's cache (its run time is the "
+            "scoring; the edit times are those recorded when the deltas were computed)")
 
 
 def _restore(path: Path, all_stages: list[Stage]) -> list[str]:

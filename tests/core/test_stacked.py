@@ -76,15 +76,16 @@ def test_a_delta_cache_is_reused_only_under_the_settings_it_was_made_with(tiny_l
     cache = tmp_path / "deltas"
     settings = {"method": "fixed", "config": {"steps": 40, "prefixes": ("", "I read that ")}}
     editor = FixedEditor(stack)
-    stacked_curve(tiny_llama, tiny_tokenizer, stack, editor, records[:4], [4], delta_dir=cache, progress=False,
-                  settings=settings)
-    assert len(editor.calls) == 4 and (cache / "settings.json").is_file()
+    first = stacked_curve(tiny_llama, tiny_tokenizer, stack, editor, records[:4], [4], delta_dir=cache,
+                          progress=False, settings=settings)
+    assert len(editor.calls) == 4 and (cache / "settings.json").is_file() and first[0]["from_cache"] == 0
 
     # the same settings (tuples read back as lists): every delta comes from the cache
     again = FixedEditor(stack)
-    stacked_curve(tiny_llama, tiny_tokenizer, stack, again, records[:4], [4], delta_dir=cache, progress=False,
-                  settings={"method": "fixed", "config": {"steps": 40, "prefixes": ["", "I read that "]}})
-    assert again.calls == []
+    points = stacked_curve(tiny_llama, tiny_tokenizer, stack, again, records[:4], [4], delta_dir=cache,
+                           progress=False,
+                           settings={"method": "fixed", "config": {"steps": 40, "prefixes": ["", "I read that "]}})
+    assert again.calls == [] and points[0]["from_cache"] == 4
 
     # other settings: refused, naming what differs, with the cache left as it was
     before = sorted(p.name for p in cache.iterdir())

@@ -84,3 +84,12 @@ def test_a_stage_line_says_which_metric_its_values_were_measured_in():
     assert "Euclidean" in _value_metric({"stage": {"method": "memit"}})
     fisher = {"settings": {"config": {"value": {"metric": "fisher"}}}}
     assert _value_metric(fisher) == "values in the fisher metric"
+
+
+def test_a_stage_that_rescored_cached_deltas_says_so():
+    from tools.results import _cached_note
+
+    assert _cached_note({"records": 10, "points": [{"n": 10, "from_cache": 0}]}) == ""
+    assert _cached_note({"records": 10}) == ""
+    assert "7 of its 10 deltas read from an earlier run's cache" in _cached_note(
+        {"records": 10, "points": [{"n": 3, "from_cache": 3}, {"n": 10, "from_cache": 7}]})
