@@ -182,13 +182,16 @@ def _read_json_records(path: Path) -> list:
 
 
 def load_records(
-    path: str | Path, format: str = "auto", limit: int | None = None, *, strip_nq_prefix: bool = False
+    path: str | Path, format: str = "auto", limit: int | None = None, *, strip_nq_prefix: bool = False,
+    skip_empty: bool = False,
 ) -> list[EditRecord]:
     """Read an editing data set into :class:`EditRecord` s.
 
     ``format``: ``"auto"`` (by keys), ``"counterfact"``, ``"zsre"`` or ``"knowedit"``. ``limit`` keeps
     the first N records. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the
-    file, the record and the missing keys for input that does not fit the format.
+    file, the record and the missing keys for input that does not fit the format. A record with an empty
+    prompt or new target is such input too, unless ``skip_empty``: then it is left out and logged (the
+    shared zsRE file has one, a question with no alternative answer: there is nothing to edit it to).
     """
     path = Path(path)
     if not path.is_file():
@@ -212,6 +215,7 @@ def load_records(
             )
     spec = FORMATS[fmt]
     records = []
+    skipped: list[int] = []
     for i, r in enumerate(raw):
         if not isinstance(r, dict):
             raise ValueError(f"{path}: record {i} is not a JSON object")
@@ -220,8 +224,14 @@ def load_records(
             raise ValueError(f"{path}: record {i} is missing keys {missing} required by the {fmt} format")
         rec = spec.parse(r, i, strip_nq_prefix=strip_nq_prefix)
         if not rec.prompt.strip() or not rec.target_new.strip():
-            raise ValueError(f"{path}: record {i} has an empty prompt or target")
+            if not skip_empty:
+                raise ValueError(f"{path}: record {i} has an empty prompt or target")
+            skipped.append(i)
+            continue
         records.append(rec)
+    if skipped:
+        log.warning("%s: left out %d record(s) with an empty prompt or target: %s", path, len(skipped),
+                    skipped[:20])
     log.info("loaded %d %s records from %s", len(records), fmt, path)
     return records
 

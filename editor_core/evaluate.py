@@ -318,6 +318,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="data file (CounterFact/zsRE/KnowEdit JSON or JSONL)")
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="data format")
     parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N records")
+    parser.add_argument("--skip-empty", action="store_true",
+                        help="leave out records with an empty prompt or new target (logged) instead of refusing "
+                             "the file")
     parser.add_argument("--batch-size", type=_positive_int, default=1, help="records per edit call")
     parser.add_argument("--sequential", type=_positive_int, default=1,
                         help="edit calls stacked before scoring and reverting")
@@ -372,9 +375,10 @@ def _run(args) -> int:
     from editor_core.data import load_records
     from editor_core.stack import EditStack
     try:
-        records = load_records(args.data, args.format, args.limit)
+        records = load_records(args.data, args.format, args.limit, skip_empty=args.skip_empty)
     except (FileNotFoundError, ValueError) as err:
-        raise _UsageError(f"--data: {err}") from err
+        hint = "" if args.skip_empty or "empty prompt" not in str(err) else " (--skip-empty leaves such records out)"
+        raise _UsageError(f"--data: {err}{hint}") from err
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda: no CUDA device is available")
     editor_dir = None

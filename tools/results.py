@@ -98,7 +98,7 @@ def run_stage(stage: Stage, args) -> dict:
         return LocateEditor(method, stack, KeyStats.load(Path(stats_dir) / STATS_FILE), LocateConfig.load(stats_dir))
 
     path = args.data if stage.data == "counterfact" else args.zsre_data
-    records = load_records(path)
+    records = load_records(path, skip_empty=stage.data == "zsre")  # zsRE: one question has no new answer
     if stage.data == "zsre":
         records = records[-stage.n:]  # the end of the file: keep the start free for a training split
     else:
@@ -285,7 +285,7 @@ def render(args, all_stages: list[Stage]) -> None:
         lines += ["", f"Not run: {', '.join(missing)}."]
     if curves:
         _plot(curves, Path(args.out) / "results_stacked.png")
-        lines += ["", "![efficacy and neighbourhood against the number of stacked edits](results_stacked.png)", "",
+        lines += ["", "![efficacy, success and neighbourhood against the number of stacked edits](results_stacked.png)", "",
                   "Each point scores the first n facts, so the unedited model's figures move with n too (its "
                   "neighbourhood score: 0.70 on the first 30 records, 0.75 on the first 100); runs made "
                   "after this change draw the unedited curve (dotted) beside each method."]
@@ -347,20 +347,21 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    keys = ("efficacy", "success", "neighborhood")  # success: what a user sees (the greedy answer is the target)
+    fig, axes = plt.subplots(1, len(keys), figsize=(14, 4), sharex=True)
     for name, points in sorted(curves.items()):
         ns = [p["n"] for p in points]
-        for ax, key in zip(axes, ("efficacy", "neighborhood"), strict=True):
+        for ax, key in zip(axes, keys, strict=True):
             line = ax.plot(ns, [p["post"].get(key) for p in points], "-o", ms=3, label=name)[0]
             if all("pre" in p for p in points):  # the unedited model on the same first n facts
                 ax.plot(ns, [p["pre"].get(key) for p in points], ":", color=line.get_color(),
                         label=f"{name}, unedited")
-    for ax, key in zip(axes, ("efficacy", "neighborhood"), strict=True):
+    for ax, key in zip(axes, keys, strict=True):
         ax.set_xscale("log")
         ax.set_xlabel("edits stacked")
         ax.set_title(key)
         ax.set_ylim(-0.02, 1.02)
-    axes[1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -80,6 +80,19 @@ def test_bad_file_names_file_record_and_keys():
     assert "ground_truth" in msg and "locality_prompt" in msg
 
 
+def test_a_record_with_nothing_to_edit_to_is_refused_or_left_out_when_asked(tmp_path, caplog):
+    rows = [json.loads(line) for line in (DATA / "zsre_small.jsonl").read_text().splitlines() if line.strip()]
+    rows[0]["alt"] = ""  # as record 534 of the shared zsRE file: no alternative answer
+    path = tmp_path / "zsre.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match="record 0 has an empty prompt or target"):
+        load_records(path)
+    with caplog.at_level("WARNING"):
+        kept = load_records(path, skip_empty=True)
+    assert [r.case_id for r in kept] == ["1"]
+    assert "left out 1 record(s)" in caplog.text and "[0]" in caplog.text
+
+
 def test_unknown_layout_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="cannot tell the format.*requested_rewrite"):
         load_records(DATA / "bad_unknown.json")

@@ -213,6 +213,15 @@ def test_cli_user_errors_exit_2(tmp_path, monkeypatch, capsys):
         run(parse("--data", str(FIXTURES / "data" / "bad_missing_keys.json"), "--method", "ft"))
     assert e.value.code == 2 and "missing keys" in capsys.readouterr().err
 
+    empty = tmp_path / "empty-target.json"  # a record with nothing to edit to: refused, naming the way out
+    facts = json.loads((FIXTURES / "facts.json").read_text())
+    facts[0]["target_new"] = ""
+    empty.write_text(json.dumps(facts))
+    with pytest.raises(SystemExit) as e:
+        run(parse("--data", str(empty), "--method", "ft"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "record 0 has an empty prompt or target" in err and "--skip-empty" in err
+
     monkeypatch.setenv("MEND_EDITORS_DIR", str(tmp_path / "no-editors"))
     with pytest.raises(SystemExit) as e:
         run(parse("--data", str(FIXTURES / "facts.json"), "--model", "some-model"))
