@@ -16,6 +16,8 @@ resumes and a longer one reuses the shorter one's edits.
 ``optimizer=adam``).
 ``--deltas`` re-scores an earlier run's cached deltas (for example ``runs/results/stacked1000-alphaedit.deltas``
 with ``--results-stack``, the stack ``tools.results`` edits, whose fingerprint those deltas carry).
+A delta cache keeps the settings its deltas were made with (``settings.json``: method, config,
+statistics) and is refused under other ones: a lever is tried under a name of its own.
 """
 
 from __future__ import annotations
