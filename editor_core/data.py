@@ -191,7 +191,7 @@ def load_records(
     the first N records. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the
     file, the record and the missing keys for input that does not fit the format. A record with an empty
     prompt or new target is such input too, unless ``skip_empty``: then it is left out and logged (the
-    shared zsRE file has one, a question with no alternative answer: there is nothing to edit it to).
+    shared zsRE file has two, questions with no alternative answer: there is nothing to edit them to).
     """
     path = Path(path)
     if not path.is_file():

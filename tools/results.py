@@ -98,7 +98,7 @@ def run_stage(stage: Stage, args) -> dict:
         return LocateEditor(method, stack, KeyStats.load(Path(stats_dir) / STATS_FILE), LocateConfig.load(stats_dir))
 
     path = args.data if stage.data == "counterfact" else args.zsre_data
-    records = load_records(path, skip_empty=stage.data == "zsre")  # zsRE: one question has no new answer
+    records = load_records(path, skip_empty=stage.data == "zsre")  # zsRE: two questions have no new answer
     if stage.data == "zsre":
         records = records[-stage.n:]  # the end of the file: keep the start free for a training split
     else:
