@@ -181,6 +181,11 @@ def _read_json_records(path: Path) -> list:
     return data
 
 
+class EmptyRecordError(ValueError):
+    """A record with an empty prompt or new target: nothing to edit (``load_records(skip_empty=True)``
+    leaves such records out instead)."""
+
+
 def load_records(
     path: str | Path, format: str = "auto", limit: int | None = None, *, strip_nq_prefix: bool = False,
     skip_empty: bool = False,
@@ -225,7 +230,7 @@ def load_records(
         rec = spec.parse(r, i, strip_nq_prefix=strip_nq_prefix)
         if not rec.prompt.strip() or not rec.target_new.strip():
             if not skip_empty:
-                raise ValueError(f"{path}: record {i} has an empty prompt or target")
+                raise EmptyRecordError(f"{path}: record {i} has an empty prompt or target")
             skipped.append(i)
             continue
         records.append(rec)

@@ -372,12 +372,12 @@ def _run(args) -> int:
 
     from editor_core import checkpoint, models
     from editor_core.baselines import FTConfig, make_baseline
-    from editor_core.data import load_records
+    from editor_core.data import EmptyRecordError, load_records
     from editor_core.stack import EditStack
     try:
         records = load_records(args.data, args.format, args.limit, skip_empty=args.skip_empty)
     except (FileNotFoundError, ValueError) as err:
-        hint = "" if args.skip_empty or "empty prompt" not in str(err) else " (--skip-empty leaves such records out)"
+        hint = " (--skip-empty leaves such records out)" if isinstance(err, EmptyRecordError) else ""
         raise _UsageError(f"--data: {err}{hint}") from err
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda: no CUDA device is available")

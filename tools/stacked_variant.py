@@ -14,8 +14,9 @@ resumes and a longer one reuses the shorter one's edits.
 
 ``--set`` changes :class:`LocateConfig` fields, ``--vset`` :class:`ValueConfig` fields (numbers, or a name such as
 ``optimizer=adam``).
-``--deltas`` re-scores an earlier run's cached deltas (for example ``runs/results/stacked1000-alphaedit.deltas``
-with ``--results-stack``, the stack ``tools.results`` edits, whose fingerprint those deltas carry).
+``--deltas`` re-scores an earlier run's cached deltas (for example ``runs/results/stacked1000-memit.deltas``;
+``tools.results``' stacked stages edit the method's own layers, as this tool does; ``--results-stack``
+edits the stack with MEND's targets too, which its caches made before 2026-11-29 carry the fingerprint of).
 A delta cache keeps the settings its deltas were made with (``settings.json``: method, config,
 statistics) and is refused under other ones: a lever is tried under a name of its own.
 """

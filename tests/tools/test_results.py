@@ -45,10 +45,9 @@ def _args(**over):
 
 
 def test_the_default_and_the_runner_up_run_1000_stacked_edits_and_take_their_100_point_from_them():
-    from service.settings import Settings
     from tools.results import DEFAULT_METHOD, LONG, stages
 
-    assert DEFAULT_METHOD == Settings.model_fields["default_method"].default and DEFAULT_METHOD in LONG
+    assert LONG[0] == DEFAULT_METHOD and len(set(LONG)) == 2  # the default and one other
     names = [s.name for s in stages(_args())]
     assert names[0] == f"stacked1000-{DEFAULT_METHOD}"  # the longest first: it may be cut short
     for m in LONG:
