@@ -389,3 +389,67 @@ def test_context_keys_journal_the_prompt_tokens_before_the_subjects_last(setup, 
     stack.revert("A")
     with pytest.raises(ValueError, match="keep_context_keys"):
         LocateConfig(key_refresh=5, keep_context_keys=True)
+
+
+def test_refit_rewrites_the_stack_to_the_joint_solve_of_the_facts_own_updates(setup, facts):
+    """With refit_every 2, the second edit also carries the rows that take the two facts' summed update to
+    refit(): the stack then sums to that (rank uncapped, fp32 rounding), the facts still take, a third
+    edit does not refit, and rollback and replay stay bit-exact."""
+    from editor_core.methods.locate import refit
+
+    model, tok, stack, stats = setup
+    cfg = config(d_in(stack))
+    cfg.memit_keep, cfg.refit_every, cfg.refit_lambda, cfg.refit_rank = 1.0, 2, 1.0, 10_000
+    editor = LocateEditor("memit", stack, stats, cfg)
+    base = stack.sha256()
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in stack.targets}
+    reqs = [request(facts[i], i) for i in range(3)]
+    a = editor.compute_delta(model, tok, reqs[:1])
+    assert "fact_rows" not in a.meta and all(u.rank == 1 for u in a.updates.values())
+    stack.apply("A", a)
+    b = editor.compute_delta(model, tok, reqs[1:2])
+    assert b.meta["fact_rows"] == "1" and all(u.rank > 1 for u in b.updates.values())
+    stack.apply("B", b)
+    for t in editor.targets:
+        n = t.name
+        facts_sum = a.updates[n].dense().double() + (b.updates[n].u[:1].t() @ b.updates[n].v[:1]).double()
+        keys = torch.cat([a.keys[n], b.keys[n]]).double()
+        want = refit(facts_sum, keys.t() @ keys, editor._moments[n].double(), 1.0)
+        got = (model.get_submodule(n).weight.detach() - weights[n]).double()
+        got = got if got.shape == want.shape else got.t()  # gpt2's Conv1D stores (d_in, d_out)
+        assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max())), n
+        assert float((want - facts_sum).norm()) > 1e-3 * float(facts_sum.norm())  # the refit did change it
+    hits = score_targets(model, tok, [r.prompt for r in reqs[:2]], [r.target for r in reqs[:2]])
+    assert all(s.token_acc == 1.0 for s in hits)
+    c = editor.compute_delta(model, tok, reqs[2:])
+    assert "fact_rows" not in c.meta  # three active edits: not a multiple of 2
+    live = stack.sha256()
+    stack.reset()
+    assert stack.sha256() == base
+    twin = EditStack(model, list(stack.targets.values()))
+    twin.rebuild([("A", EditDelta.from_bytes(a.to_bytes())), ("B", EditDelta.from_bytes(b.to_bytes()))])
+    assert twin.sha256() == live
+
+
+def test_refit_settings_are_checked():
+    with pytest.raises(ValueError, match="refit_every"):
+        LocateConfig(refit_every=-1)
+    with pytest.raises(ValueError, match="refit_lambda"):
+        LocateConfig(refit_lambda=0.0)
+
+
+def test_refit_solves_its_normal_equation_and_keeps_keys_when_statistics_weigh_little():
+    from editor_core.methods.locate import refit
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 8, generator=g, dtype=torch.float64)  # (d_out, d_in)
+    k = torch.randn(3, 8, generator=g, dtype=torch.float64)  # three facts' keys
+    x = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    c = x @ x.t() / 8 + 0.1 * torch.eye(8, dtype=torch.float64)  # SPD statistics
+    gram = k.t() @ k
+    for lam in (0.01, 1.0, 100.0):
+        fitted = refit(a, gram, c, lam)
+        torch.testing.assert_close((fitted - a) @ gram + lam * fitted @ c, torch.zeros(5, 8, dtype=torch.float64))
+    near = refit(a, gram, c, 1e-6)
+    torch.testing.assert_close(near @ k.t(), a @ k.t(), rtol=1e-4, atol=1e-4)  # the keys get what A gives them
+    assert float((refit(a, gram, c, 100.0) @ k.t()).norm()) < 0.5 * float((a @ k.t()).norm())  # C wins
