@@ -23,28 +23,20 @@ import sys
 
 import torch
 
-log = logging.getLogger("refit_probe")
-
 
 def summed_updates(deltas: list, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_out, d_in) fp64 sum of every delta's facts' own rows at ``name``, and (N, d_in) their keys."""
-    from editor_core.delta import LowRankUpdate
-    from editor_core.methods.locate import _summed
+    from editor_core.methods.locate import _summed, fact_rows
 
-    ups = []
-    for d in deltas:
-        upd = d.updates[name]
-        n = int(d.meta.get("fact_rows", upd.rank))  # a delta that carried a refit: its facts' rows first
-        ups.append(LowRankUpdate(upd.u[:n], upd.v[:n]))
     keys = torch.cat([d.keys[name].double() for d in deltas])  # (N, d_in)
-    return _summed(ups, "cpu"), keys
+    return _summed([fact_rows(d, name) for d in deltas], "cpu"), keys
 
 
 def main(argv: list[str] | None = None) -> int:
     from editor_core.canary import CanarySet
     from editor_core.delta import EditDelta, LowRankUpdate
     from editor_core.evaluate import mean_metrics, record_metrics, score_records
-    from editor_core.methods.locate import LocateConfig, _ridged, refit
+    from editor_core.methods.locate import LocateConfig, _ridged, _summed, refit
     from editor_core.stats import STATS_FILE, KeyStats, find_stats_dir
     from tools import cached_stack
 
@@ -83,18 +75,18 @@ def main(argv: list[str] | None = None) -> int:
 
     report(f"{args.n} stacked", {})
     names = sorted(state.deltas[0].updates)
-    sums = {n: summed_updates(state.deltas, n) for n in names}
+    sums = {n: summed_updates(state.deltas, n) for n in names}  # the facts' own rows, and their keys
+    # what the stack sums to now (a refit's rows included), which the probe's delta starts from
+    current = {n: _summed([d.updates[n] for d in state.deltas], "cpu") for n in names}
     for lam in args.lam:
         fix, layers = {}, {}
         for name in names:
             a, k = sums[name]  # (d_out, d_in), (N, d_in)
-            block = int(name.split(".")[2])
-            now = stack.delta_of(stack.active_ids[0]).updates[name]  # for the dtype only
+            block = stack.targets[name].block
             fitted = refit(a, k.t() @ k, _ridged(stats.moments[block], ridge).double(), lam)
             on_keys = (fitted @ k.t()).norm(dim=0) / (a @ k.t()).norm(dim=0).clamp(min=1e-12)  # (N,)
-            current = sum((d.updates[name].dense().double() for d in state.deltas), torch.zeros_like(a))
-            d = (fitted - current).to(now.u.dtype)  # (d_out, d_in): from what the stack sums to now
-            fix[name] = LowRankUpdate(u=torch.eye(d.shape[0], dtype=d.dtype), v=d)
+            d = (fitted - current[name]).float()  # (d_out, d_in)
+            fix[name] = LowRankUpdate(u=torch.eye(d.shape[0]), v=d)
             layers[block] = {"changed": round(float((fitted - a).norm() / a.norm()), 4),
                              "key_output_kept_median": round(float(on_keys.median()), 4)}
         with stack.applied(EditDelta(fix, stack.fingerprint, {"method": "refit_probe"})):

@@ -322,15 +322,9 @@ class LocateEditor:
         out, kept = dict(updates), {}
         for target in self.targets:
             name = target.name
-            facts, every = [], []  # the facts' own rows of every active delta, and all its rows
-            for i in self.stack.active_ids:
-                d = self.stack.delta_of(i)
-                if name not in d.updates:
-                    continue
-                upd = d.updates[name]
-                n = int(d.meta.get("fact_rows", upd.rank))
-                every.append(upd)
-                facts.append(LowRankUpdate(upd.u[:n], upd.v[:n]))
+            active = [self.stack.delta_of(i) for i in self.stack.active_ids]
+            every = [d.updates[name] for d in active if name in d.updates]  # all rows of every active delta
+            facts = [fact_rows(d, name) for d in active if name in d.updates]  # their facts' own rows
             new = updates[name]
             a_raw = _summed(facts + [new], device)  # (d_out, d_in)
             a_now = _summed(every + [new], device)  # (d_out, d_in)
@@ -508,6 +502,14 @@ def refit(summed: torch.Tensor, gram: torch.Tensor, moment: torch.Tensor, lam: f
     rhs = gram @ summed.t()  # (d_in, d_out)
     x = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(m, rhs)  # (d_in, d_out)
     return x.t()  # (d_out, d_in)
+
+
+def fact_rows(delta: EditDelta, name: str) -> LowRankUpdate:
+    """The rows of ``delta``'s update at ``name`` that are its facts' own: all of them, or the first
+    ``fact_rows`` of an edit that also carried a refit (the refit's rows come after)."""
+    upd = delta.updates[name]
+    n = int(delta.meta.get("fact_rows", upd.rank))
+    return LowRankUpdate(upd.u[:n], upd.v[:n])
 
 
 def _summed(updates: list[LowRankUpdate], device) -> torch.Tensor:
