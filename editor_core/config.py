@@ -20,6 +20,25 @@ class MendConfig:
     # subject's tokens when the request names a subject found in the prompt (ROME-style keying),
     # falling back to all tokens otherwise.
     factor_tokens: str = "all"  # tokens per edit sequence (prompt truncated from the left)
+    # How an edit is made from the editor's output (inference only; training ignores these):
+    # preserve_lambda > 0 re-solves each target's update by least squares against the key statistics of
+    # its inputs (editor_core.preserved_solve: the same output change at the edit's keys, least change at
+    # ordinary ones); 0 applies MEND's sum of rank-one terms as published. Targets without statistics
+    # keep MEND's sum.
+    preserve_lambda: float = 0.0
+    # when the target is not yet the greedy answer after an edit pass, up to this many more passes (each
+    # one forward/backward on the edited model plus the editor nets), within refine_seconds in all
+    refine_passes: int = 0
+    refine_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.factor_tokens not in ("all", "subject"):
+            raise ValueError(f"factor_tokens must be 'all' or 'subject', got {self.factor_tokens!r}")
+        if not (isinstance(self.refine_passes, int) and self.refine_passes >= 0):
+            raise ValueError(f"refine_passes must be a whole number >= 0, not {self.refine_passes!r}")
+        for name in ("preserve_lambda", "refine_seconds"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,7 +50,4 @@ class MendConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown MendConfig keys: {sorted(unknown)}")
-        cfg = cls(**data)
-        if cfg.factor_tokens not in ("all", "subject"):
-            raise ValueError(f"factor_tokens must be 'all' or 'subject', got {cfg.factor_tokens!r}")
-        return cfg
+        return cls(**data)

@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from editor_core import checkpoint
-from editor_core.batching import build_batch
+from editor_core.batching import TokenBatch, build_batch, target_positions
 from editor_core.config import MendConfig
 from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.fingerprint import model_fingerprint, weights_fingerprint
+from editor_core.functional_edit import added_updates
 from editor_core.grads import TokenFactors, capture_factors
 from editor_core.models import device_of
 from editor_core.nets import MendNets
+from editor_core.preserved_solve import preserved_inverse, preserved_update
 from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
-from editor_core.targets import Target, resolve_targets
+from editor_core.stats import KeyStats, StatsError
+from editor_core.targets import Target, out_proj_targets, resolve_targets
 
 log = logging.getLogger(__name__)
+
+# key statistics of the editor's own layers, beside its checkpoint (for config.preserve_lambda > 0)
+STATS_FILE = "mend_keystats.safetensors"
 
 
 class MendEditor:
@@ -39,6 +46,8 @@ class MendEditor:
         self.targets = targets
         self.fingerprint = fingerprint
         self.editor_id = editor_id
+        # target name -> (d_in, d_in) (lam C)^-1 of its inputs, for config.preserve_lambda > 0
+        self.preserved: dict[str, torch.Tensor] = {}
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -70,8 +79,19 @@ class MendEditor:
         nets.load_state_dict(ckpt.state)
         nets.to(device_of(stack.model))  # the checkpoint loads on the CPU; the factors come from the model's device
         editor_id = ckpt.info.get("editor_id", Path(path).name)
+        editor = cls(nets, ckpt.config, targets, stack.fingerprint, editor_id=editor_id)
+        if ckpt.config.preserve_lambda > 0:
+            stats_path = Path(path) / STATS_FILE
+            try:
+                stats = KeyStats.load(stats_path)
+            except StatsError as err:
+                raise ValueError(f"editor at {path} re-solves its updates against key statistics "
+                                 f"(preserve_lambda {ckpt.config.preserve_lambda:g}): {err}") from err
+            if not stats.fits(stack.model):
+                raise ValueError(f"{stats_path} holds key statistics of another model")
+            editor.use_statistics(stats, stack.model)
         log.info("loaded MEND editor %s (%d targets) from %s", editor_id, len(targets), path)
-        return cls(nets, ckpt.config, targets, stack.fingerprint, editor_id=editor_id)
+        return editor
 
     # ---- editing -------------------------------------------------------------------------------
     def updates_from_factors(self, factors: TokenFactors) -> dict[str, LowRankUpdate]:
@@ -88,20 +108,76 @@ class MendEditor:
         """Subjects to key the factors on, per ``config.factor_tokens`` (None = all tokens)."""
         return subjects if self.config.factor_tokens == "subject" else None
 
+    def use_statistics(self, stats: KeyStats, model: nn.Module) -> list[str]:
+        """Re-solve the updates of the targets ``stats`` covers against them (``preserve_lambda`` > 0).
+
+        ``stats`` holds E[k k^T] of MLP output-projection inputs per layer (``mend stats``); returns the
+        names of the editor's targets it covers. The others keep MEND's sum of rank-one terms.
+        """
+        if self.config.preserve_lambda <= 0:
+            raise ValueError("preserve_lambda is 0: the editor makes MEND's sum, it has no use for statistics")
+        mine = {t.name for t in self.targets}
+        covered = [t for t in out_proj_targets(model, stats.layers) if t.name in mine]
+        self.preserved = {t.name: preserved_inverse(stats.moments[t.block], self.config.preserve_lambda)
+                          .to(device_of(model)) for t in covered}
+        return [t.name for t in covered]
+
+    def _pass(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]]
+              ) -> dict[str, LowRankUpdate]:
+        """One forward/backward on the model as the updates ``so_far`` leave it; the next updates."""
+        with added_updates(model, _joined(so_far)):
+            factors = capture_factors(model, self.targets, batch)  # output layer at target positions only
+        with torch.no_grad():
+            updates = self.updates_from_factors(factors)
+            for name, inverse in self.preserved.items():
+                updates[name] = preserved_update(updates[name], factors.x[name], inverse)
+        return {n: LowRankUpdate(u.u.detach(), u.v.detach()) for n, u in updates.items()}
+
+    @torch.no_grad()
+    def _took(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]]) -> bool:
+        """Whether every target token is already the greedy one (teacher-forced) under ``so_far``."""
+        with added_updates(model, _joined(so_far)):
+            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      use_cache=False).last_hidden_state  # (B, T, d)
+            logits = model.get_output_embeddings()(hidden[target_positions(batch)])  # (N, V)
+        labels = batch.labels[:, 1:][batch.target_mask]  # (N,), row-major like the selected logits
+        return bool((logits.argmax(-1) == labels).all())
+
     def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
-        """One forward/backward on the edit prompts, then the editor nets; the model is untouched."""
+        """One forward/backward on the edit prompts, then the editor nets; the model is untouched.
+
+        With ``config.refine_passes`` > 0, while the new target is not every token's greedy answer,
+        another pass on the model as the edit so far leaves it (at most that many, within
+        ``config.refine_seconds``); the delta is the sum of the passes' updates.
+        """
         if not requests:
             raise ValueError("no edit requests")
         batch = build_batch(
             tokenizer, [r.prompt for r in requests], [r.target for r in requests], self.config.max_len,
             subjects=self.factor_subjects([r.subject for r in requests]),
         ).to(device_of(model))
-        factors = capture_factors(model, self.targets, batch)  # output layer at target positions only
-        with torch.no_grad():
-            updates = self.updates_from_factors(factors)
-        updates = {n: LowRankUpdate(u.u.detach(), u.v.detach()) for n, u in updates.items()}
-        meta = {"method": self.method, "editor": self.editor_id, "n_requests": str(len(requests))}
-        return EditDelta(updates, self.fingerprint, meta)
+        deadline = time.perf_counter() + self.config.refine_seconds
+        so_far: dict[str, list[LowRankUpdate]] = {t.name: [] for t in self.targets}
+        passes = 0
+        while True:
+            for name, upd in self._pass(model, batch, so_far).items():
+                so_far[name].append(upd)
+            passes += 1
+            if passes > self.config.refine_passes or time.perf_counter() > deadline:
+                break
+            if self._took(model, batch, so_far):
+                break
+        meta = {"method": self.method, "editor": self.editor_id, "n_requests": str(len(requests)),
+                "passes": str(passes)}
+        if self.preserved:
+            meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
+        return EditDelta(_joined(so_far), self.fingerprint, meta)
+
+
+def _joined(parts: dict[str, list[LowRankUpdate]]) -> dict[str, LowRankUpdate]:
+    """Each target's updates as one: their factors stacked (the sum of the dense updates)."""
+    return {name: LowRankUpdate(torch.cat([p.u for p in ps]), torch.cat([p.v for p in ps]))
+            for name, ps in parts.items() if ps}
 
 
 def _stack_targets(stack: EditStack, config: MendConfig) -> list[Target]:

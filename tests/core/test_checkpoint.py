@@ -66,3 +66,26 @@ def test_loaded_editor_nets_sit_on_the_models_device(tiny_llama, tmp_path, monke
     monkeypatch.setattr(editor_module, "device_of", lambda model: torch.device("meta"))
     for made in (MendEditor.load(tmp_path, stack), MendEditor.untrained(stack, MendConfig(rank=4))):
         assert {t.device.type for t in made.nets.state_dict().values()} == {"meta"}
+
+
+def test_an_editor_that_re_solves_needs_its_statistics_beside_it(tiny_llama, tiny_gpt2, tiny_tokenizer, tmp_path):
+    from conftest import fixture_facts
+
+    from editor_core.editor import STATS_FILE
+    from editor_core.stats import collect_key_stats
+    from editor_core.targets import out_proj_targets
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    editor = MendEditor.untrained(stack, MendConfig(rank=4, targets=list(stack.targets), preserve_lambda=5.0))
+    checkpoint.save(tmp_path, editor.config, editor.nets.state_dict(), {"model_fingerprint": stack.fingerprint})
+    with pytest.raises(ValueError, match=STATS_FILE):
+        MendEditor.load(tmp_path, stack)
+    texts = [f["prompt"] for f in fixture_facts()]
+    foreign = collect_key_stats(tiny_gpt2, tiny_tokenizer, texts, [0, 1], progress=False)
+    foreign.save(tmp_path / STATS_FILE)
+    with pytest.raises(ValueError, match="another model"):
+        MendEditor.load(tmp_path, stack)
+    collect_key_stats(tiny_llama, tiny_tokenizer, texts, [0, 1], progress=False).save(tmp_path / STATS_FILE)
+    loaded = MendEditor.load(tmp_path, stack)
+    expected = sorted(t.name for t in out_proj_targets(tiny_llama, [0, 1]) if t.name in editor.config.targets)
+    assert expected and sorted(loaded.preserved) == expected

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from editor_core.batching import build_batch, mean_target_nll
+from editor_core.batching import build_batch, mean_target_nll, target_ids
 from editor_core.config import MendConfig
 from editor_core.editor import MendEditor
 from editor_core.functional_edit import added_updates
@@ -91,3 +92,63 @@ def test_edit_runs_the_output_layer_at_target_positions_only_and_gets_the_full_g
     for name, up in want.items():
         torch.testing.assert_close(delta.updates[name].u, up.u, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(delta.updates[name].v, up.v, atol=1e-6, rtol=1e-4)
+
+
+def test_refinement_passes_until_the_target_is_greedy(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    f = facts[0]
+    # a target the model already answers greedily: one pass, then the check stops the loop
+    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
+    with torch.no_grad():
+        ranked = tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argsort(descending=True)
+    top = int(ranked[0])
+    greedy = tiny_tokenizer.decode([top])
+    assert target_ids(tiny_tokenizer, greedy) == [top]  # the greedy token is a target of its own
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=3, refine_seconds=60))
+    took = editor.compute_delta(tiny_llama, tiny_tokenizer, [EditRequest(f["prompt"], greedy)])
+    assert took.meta["passes"] == "1"
+    # a tiny step size never makes the new target greedy: every allowed pass runs, each adding its rows
+    req = EditRequest(f["prompt"], f["target_new"])
+    many = editor.compute_delta(tiny_llama, tiny_tokenizer, [req])
+    one = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6)).compute_delta(tiny_llama, tiny_tokenizer, [req])
+    assert many.meta["passes"] == "4" and one.meta["passes"] == "1"
+    assert {u.rank for u in many.updates.values()} == {4 * u.rank for u in one.updates.values()}
+
+
+def test_more_passes_lower_the_loss_further(tiny_model, tiny_tokenizer, facts):
+    stack = EditStack(tiny_model, resolve_targets(tiny_model))
+    req = EditRequest(facts[1]["prompt"], facts[1]["target_new"])
+    losses = []
+    for passes in (0, 2):
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-3, refine_passes=passes))
+        with stack.applied(editor.compute_delta(tiny_model, tiny_tokenizer, [req])):
+            losses.append(_loss(tiny_model, tiny_tokenizer, req))
+    assert losses[1] < losses[0]
+
+
+def test_statistics_re_solve_the_covered_targets_only(tiny_llama, tiny_tokenizer, facts):
+    from editor_core.stats import collect_key_stats
+    from editor_core.targets import out_proj_targets
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    texts = [f["prompt"] + " " + f["ground_truth"] for f in facts]
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, texts, [1], progress=False)
+    plain = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2, factor_tokens="subject"))
+    with pytest.raises(ValueError, match="preserve_lambda is 0"):
+        plain.use_statistics(stats, tiny_llama)
+    solved = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2, factor_tokens="subject",
+                                                    preserve_lambda=1.0))
+    covered = solved.use_statistics(stats, tiny_llama)
+    assert covered == [out_proj_targets(tiny_llama, [1])[0].name]
+    req = [EditRequest(facts[2]["prompt"], facts[2]["target_new"], subject=facts[2]["subject"])]
+    a, b = plain.compute_delta(tiny_llama, tiny_tokenizer, req), solved.compute_delta(tiny_llama, tiny_tokenizer, req)
+    for name in a.updates:
+        same = torch.equal(a.updates[name].dense(), b.updates[name].dense())
+        assert same == (name not in covered), name
+    assert b.meta["preserve_lambda"] == "1"
+
+
+def test_config_refuses_negative_settings():
+    for bad in ({"refine_passes": -1}, {"refine_passes": 1.5}, {"preserve_lambda": -2.0}, {"refine_seconds": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MendConfig(**bad)

@@ -1,0 +1,50 @@
+"""Re-solve a MEND update by least squares against key statistics (MALMEN's aggregation, with C).
+
+MEND writes ``dW = sum_i u_i x~_i^T``: one rank-one term per factor token, built from the editor's
+transformed keys ``x~`` rather than the keys the layer actually sees. What the edit has to do is
+change the layer's output at the edit's own keys ``K`` (n, d_in) by ``R = K dW^T`` (n, d_out); every
+other key the update touches is damage. The update that does exactly that and moves the outputs of
+ordinary keys (second moment ``C``) least is the ridge least-squares solution
+
+    dW* = argmin  ||dW K^T - R^T||^2 + lam * E_k ||dW k||^2  =  R^T K (lam C + K^T K)^-1,
+
+the normal equation MALMEN (Tan et al., ICLR 2024) solves for its hypernetwork's proposals and MEMIT
+solves for its values. With Woodbury it costs one (n, n) solve against a precomputed ``(lam C)^-1``:
+``(lam C + K^T K)^-1 K^T = A (I + K A)^-1`` with ``A = (lam C)^-1 K^T`` (d_in, n). Returned as exact
+factors of rank n, so the journal, rollback and replay see an ordinary low-rank delta.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from editor_core.delta import LowRankUpdate
+
+
+def preserved_inverse(moment: torch.Tensor, lam: float, ridge: float = 1e-4) -> torch.Tensor:
+    """(d, d) fp32 ``(lam (C + ridge * mean(diag C) I))^-1`` for :func:`preserved_update`.
+
+    ``moment`` is E[k k^T] (d, d); the ridge keeps a near-singular moment (keys that never vary in
+    some direction) invertible, relative to its own scale.
+    """
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0, not {lam}")
+    c = moment.double()  # (d, d)
+    c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    return torch.linalg.inv(lam * c).float()
+
+
+def preserved_update(update: LowRankUpdate, keys: torch.Tensor, inverse: torch.Tensor) -> LowRankUpdate:
+    """The least-squares form of ``update`` against the statistics behind ``inverse``.
+
+    update: dW = u^T v, u (r, d_out), v (r, d_in); keys: (n, d_in), the inputs the edit must change;
+    inverse: (d_in, d_in) from :func:`preserved_inverse`. Returns factors (n, d_out), (n, d_in) of
+    ``R^T K (lam C + K^T K)^-1`` with ``R = K dW^T``: the same output change at ``keys`` up to the
+    ridge (each key keeps about ``s / (1 + s)`` of it, ``s = k^T (lam C)^-1 k``), far less elsewhere.
+    """
+    k = keys.float()  # (n, d_in)
+    r = (k @ update.v.float().t()) @ update.u.float()  # (n, d_out): the output change at each key
+    a = inverse @ k.t()  # (d_in, n)
+    gram = torch.eye(k.shape[0], dtype=k.dtype, device=k.device) + k @ a  # (n, n) = I + K (lam C)^-1 K^T
+    x = torch.linalg.solve(gram, a.t())  # (n, d_in) = (I + K A)^-T A^T; gram is symmetric
+    return LowRankUpdate(u=r.to(update.u.dtype), v=x.to(update.v.dtype))
