@@ -26,6 +26,9 @@ class MendConfig:
     # ordinary ones); 0 applies MEND's sum of rank-one terms as published. Targets without statistics
     # keep MEND's sum.
     preserve_lambda: float = 0.0
+    # the keys that re-solve must keep the editor's change at: "all" factor tokens, or "last", the last
+    # factor token of each edit prompt (the subject's last token: where ROME and MEMIT write a fact)
+    preserve_keys: str = "all"
     # when the target is not yet the greedy answer after an edit pass, up to this many more passes (each
     # one forward/backward on the edited model plus the editor nets), within refine_seconds in all
     refine_passes: int = 0
@@ -34,6 +37,8 @@ class MendConfig:
     def __post_init__(self) -> None:
         if self.factor_tokens not in ("all", "subject"):
             raise ValueError(f"factor_tokens must be 'all' or 'subject', got {self.factor_tokens!r}")
+        if self.preserve_keys not in ("all", "last"):
+            raise ValueError(f"preserve_keys must be 'all' or 'last', got {self.preserve_keys!r}")
         if not (isinstance(self.refine_passes, int) and self.refine_passes >= 0):
             raise ValueError(f"refine_passes must be a whole number >= 0, not {self.refine_passes!r}")
         for name in ("preserve_lambda", "refine_seconds"):

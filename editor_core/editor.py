@@ -129,8 +129,9 @@ class MendEditor:
             factors = capture_factors(model, self.targets, batch)  # output layer at target positions only
         with torch.no_grad():
             updates = self.updates_from_factors(factors)
+            rows = _last_of_each_row(factors.row) if self.config.preserve_keys == "last" else slice(None)
             for name, inverse in self.preserved.items():
-                updates[name] = preserved_update(updates[name], factors.x[name], inverse)
+                updates[name] = preserved_update(updates[name], factors.x[name][rows], inverse)
         return {n: LowRankUpdate(u.u.detach(), u.v.detach()) for n, u in updates.items()}
 
     @torch.no_grad()
@@ -172,6 +173,13 @@ class MendEditor:
         if self.preserved:
             meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
         return EditDelta(_joined(so_far), self.fingerprint, meta)
+
+
+def _last_of_each_row(row: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last factor token of each batch row, from the tokens' rows (N,) in order."""
+    last = torch.ones_like(row, dtype=torch.bool)  # (N,)
+    last[:-1] = row[1:] != row[:-1]
+    return last.nonzero().squeeze(-1)
 
 
 def _joined(parts: dict[str, list[LowRankUpdate]]) -> dict[str, LowRankUpdate]:

@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger("mend_variant")
 
 SHOWN = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "success", "paraphrase_success", "neighbour_kept")
-TUNABLE = ("preserve_lambda", "refine_passes", "refine_seconds")
+TUNABLE = ("preserve_lambda", "preserve_keys", "refine_passes", "refine_seconds")
 
 
 def _statistics(model, tokenizer, layers: list[int], path: Path, train_data: str):
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if field not in TUNABLE:
                 raise ValueError(f"FIELD must be one of {', '.join(TUNABLE)}")
-            changes[field] = int(text) if field == "refine_passes" else float(text)
+            changes[field] = {"refine_passes": int, "preserve_keys": str}.get(field, float)(text)
             replace(MendConfig(), **changes)  # the config's own checks, before the model loads
         except ValueError as err:
             p.error(f"--set {item!r}: {err}")

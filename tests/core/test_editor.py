@@ -152,3 +152,19 @@ def test_config_refuses_negative_settings():
     for bad in ({"refine_passes": -1}, {"refine_passes": 1.5}, {"preserve_lambda": -2.0}, {"refine_seconds": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             MendConfig(**bad)
+
+
+def test_last_key_re_solve_has_one_row_per_request(tiny_llama, tiny_tokenizer, facts):
+    from editor_core.editor import _last_of_each_row
+    from editor_core.stats import collect_key_stats
+
+    assert _last_of_each_row(torch.tensor([0, 0, 0, 1, 2, 2])).tolist() == [2, 3, 5]
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, factor_tokens="subject", preserve_lambda=1.0,
+                                                    preserve_keys="last"))
+    (covered,) = editor.use_statistics(stats, tiny_llama)
+    reqs = [EditRequest(f["prompt"], f["target_new"], subject=f["subject"]) for f in facts[:3]]
+    delta = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+    assert delta.updates[covered].rank == 3  # one key (the subject's last token) per request
+    assert all(u.rank > 3 for n, u in delta.updates.items() if n != covered)  # every subject token
