@@ -26,6 +26,10 @@ class MendConfig:
     # ordinary ones); 0 applies MEND's sum of rank-one terms as published. Targets without statistics
     # keep MEND's sum.
     preserve_lambda: float = 0.0
+    # the targets an edit writes, a subset of ``targets`` (empty: all of them); the nets stay trained for
+    # every target. Measured (README, "MEND that takes"): with the re-solve and refinement passes, writing
+    # only the output projections (which the statistics cover) keeps neighbours far better
+    edit_targets: list[str] = field(default_factory=list)
     # the keys that re-solve must keep the editor's change at: "all" factor tokens, or "last", the last
     # factor token of each edit prompt (the subject's last token: where ROME and MEMIT write a fact)
     preserve_keys: str = "all"

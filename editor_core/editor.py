@@ -43,6 +43,11 @@ class MendEditor:
             raise ValueError(f"editor has no nets for targets {missing}")
         self.nets = nets.eval()
         self.config = config
+        if config.edit_targets:  # the nets cover every trained target; an edit writes only these
+            unknown = sorted(set(config.edit_targets) - {t.name for t in targets})
+            if unknown:
+                raise ValueError(f"edit_targets {unknown} are not among the editor's targets")
+            targets = [t for t in targets if t.name in config.edit_targets]
         self.targets = targets
         self.fingerprint = fingerprint
         self.editor_id = editor_id

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
         keep = {t.name for t in out_proj_targets(model, sorted({t.block for t in editor.targets}))}
         editor.targets = [t for t in editor.targets if t.name in keep]
+        editor.config = replace(editor.config, edit_targets=[t.name for t in editor.targets])
     if editor.config.preserve_lambda > 0:
         layers = sorted({t.block for t in editor.targets})
         covered = editor.use_statistics(_statistics(model, tok, layers, Path(args.stats), args.train_data), model)

@@ -168,3 +168,13 @@ def test_last_key_re_solve_has_one_row_per_request(tiny_llama, tiny_tokenizer, f
     delta = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
     assert delta.updates[covered].rank == 3  # one key (the subject's last token) per request
     assert all(u.rank > 3 for n, u in delta.updates.items() if n != covered)  # every subject token
+
+
+def test_edit_targets_restrict_what_an_edit_writes(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    names = list(stack.targets)
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, targets=names, edit_targets=names[:1]))
+    delta = editor.compute_delta(tiny_llama, tiny_tokenizer, [EditRequest(facts[0]["prompt"], facts[0]["target_new"])])
+    assert list(delta.updates) == names[:1]
+    with pytest.raises(ValueError, match="edit_targets"):
+        MendEditor.untrained(stack, MendConfig(rank=8, targets=names, edit_targets=["model.nowhere"]))
