@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+# the fields that decide how an edit is made from the nets' output, not the nets themselves
+INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
+                    "refine_seconds")
+
 
 @dataclass
 class MendConfig:
@@ -33,6 +37,9 @@ class MendConfig:
     # the keys that re-solve must keep the editor's change at: "all" factor tokens, or "last", the last
     # factor token of each edit prompt (the subject's last token: where ROME and MEMIT write a fact)
     preserve_keys: str = "all"
+    # weight of the keys of earlier active edits (journaled in their deltas) in the preserved term,
+    # beside preserve_lambda * C, as MEMIT's memit_keep: later edits leave their outputs where they were
+    preserve_keep: float = 0.0
     # when the target is not yet the greedy answer after an edit pass, up to this many more passes (each
     # one forward/backward on the edited model plus the editor nets), within refine_seconds in all
     refine_passes: int = 0
@@ -45,7 +52,7 @@ class MendConfig:
             raise ValueError(f"preserve_keys must be 'all' or 'last', got {self.preserve_keys!r}")
         if not (isinstance(self.refine_passes, int) and self.refine_passes >= 0):
             raise ValueError(f"refine_passes must be a whole number >= 0, not {self.refine_passes!r}")
-        for name in ("preserve_lambda", "refine_seconds"):
+        for name in ("preserve_lambda", "preserve_keep", "refine_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
 

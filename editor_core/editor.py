@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,14 +12,14 @@ from torch import nn
 
 from editor_core import checkpoint
 from editor_core.batching import TokenBatch, build_batch, target_positions
-from editor_core.config import MendConfig
+from editor_core.config import INFERENCE_FIELDS, MendConfig
 from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.fingerprint import model_fingerprint, weights_fingerprint
 from editor_core.functional_edit import added_updates
 from editor_core.grads import TokenFactors, capture_factors
 from editor_core.models import device_of
 from editor_core.nets import MendNets
-from editor_core.preserved_solve import preserved_inverse, preserved_update
+from editor_core.preserved_solve import KeptInverse, preserved_inverse, preserved_update
 from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
 from editor_core.stats import KeyStats, StatsError
@@ -36,7 +37,8 @@ class MendEditor:
     method = "mend"
 
     def __init__(
-        self, nets: MendNets, config: MendConfig, targets: list[Target], fingerprint: str, editor_id: str
+        self, nets: MendNets, config: MendConfig, targets: list[Target], fingerprint: str, editor_id: str,
+        stack: EditStack | None = None,
     ):
         missing = [t.name for t in targets if t.name not in nets.target_names]
         if missing:
@@ -51,8 +53,9 @@ class MendEditor:
         self.targets = targets
         self.fingerprint = fingerprint
         self.editor_id = editor_id
-        # target name -> (d_in, d_in) (lam C)^-1 of its inputs, for config.preserve_lambda > 0
-        self.preserved: dict[str, torch.Tensor] = {}
+        # target name -> (lam C + keep K_p^T K_p)^-1 of its inputs, for config.preserve_lambda > 0
+        self.preserved: dict[str, KeptInverse] = {}
+        self.stack = stack  # where the earlier edits' keys are read (config.preserve_keep > 0)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -61,12 +64,21 @@ class MendEditor:
         config = config or MendConfig()
         targets = _stack_targets(stack, config)
         nets = MendNets(targets, config.rank, config.n_blocks, config.init_lr).to(device_of(stack.model))
-        return cls(nets, config, targets, stack.fingerprint, editor_id="untrained")
+        return cls(nets, config, targets, stack.fingerprint, editor_id="untrained", stack=stack)
 
     @classmethod
-    def load(cls, path: str | Path, stack: EditStack) -> MendEditor:
-        """Load a trained editor for the model behind ``stack``; refuses another model's editor."""
+    def load(cls, path: str | Path, stack: EditStack, settings: dict | None = None) -> MendEditor:
+        """Load a trained editor for the model behind ``stack``; refuses another model's editor.
+
+        ``settings`` replaces inference fields of the checkpoint's config (``INFERENCE_FIELDS``), to try
+        another way of applying the same nets.
+        """
         ckpt = checkpoint.load(path)
+        if settings:
+            unknown = sorted(set(settings) - set(INFERENCE_FIELDS))
+            if unknown:
+                raise ValueError(f"{unknown} are not inference settings of a MEND editor ({', '.join(INFERENCE_FIELDS)})")
+            ckpt.config = replace(ckpt.config, **settings)
         targets = _stack_targets(stack, ckpt.config)
         # the editor was trained on a stack of exactly its own targets; the service's stack may cover
         # more (the locate-then-edit layers), so compare the fingerprint of the editor's targets: the
@@ -84,7 +96,7 @@ class MendEditor:
         nets.load_state_dict(ckpt.state)
         nets.to(device_of(stack.model))  # the checkpoint loads on the CPU; the factors come from the model's device
         editor_id = ckpt.info.get("editor_id", Path(path).name)
-        editor = cls(nets, ckpt.config, targets, stack.fingerprint, editor_id=editor_id)
+        editor = cls(nets, ckpt.config, targets, stack.fingerprint, editor_id=editor_id, stack=stack)
         if ckpt.config.preserve_lambda > 0:
             stats_path = Path(path) / STATS_FILE
             try:
@@ -123,21 +135,31 @@ class MendEditor:
             raise ValueError("preserve_lambda is 0: the editor makes MEND's sum, it has no use for statistics")
         mine = {t.name for t in self.targets}
         covered = [t for t in out_proj_targets(model, stats.layers) if t.name in mine]
-        self.preserved = {t.name: preserved_inverse(stats.moments[t.block], self.config.preserve_lambda)
-                          .to(device_of(model)) for t in covered}
+        self.preserved = {t.name: KeptInverse(preserved_inverse(stats.moments[t.block], self.config.preserve_lambda)
+                                              .to(device_of(model)), self.config.preserve_keep) for t in covered}
         return [t.name for t in covered]
 
-    def _pass(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]]
-              ) -> dict[str, LowRankUpdate]:
-        """One forward/backward on the model as the updates ``so_far`` leave it; the next updates."""
+    def _pass(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]],
+              inverses: dict[str, torch.Tensor]) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]]:
+        """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, and the
+        keys the re-solved ones were solved at (target name -> (n, d_in))."""
         with added_updates(model, _joined(so_far)):
             factors = capture_factors(model, self.targets, batch)  # output layer at target positions only
+        keys = {}
         with torch.no_grad():
             updates = self.updates_from_factors(factors)
             rows = _last_of_each_row(factors.row) if self.config.preserve_keys == "last" else slice(None)
-            for name, inverse in self.preserved.items():
-                updates[name] = preserved_update(updates[name], factors.x[name][rows], inverse)
-        return {n: LowRankUpdate(u.u.detach(), u.v.detach()) for n, u in updates.items()}
+            for name, inverse in inverses.items():
+                keys[name] = factors.x[name][rows]  # (n, d_in)
+                updates[name] = preserved_update(updates[name], keys[name], inverse)
+        return {n: LowRankUpdate(u.u.detach(), u.v.detach()) for n, u in updates.items()}, keys
+
+    def _earlier_keys(self, name: str) -> list[tuple[str, torch.Tensor]]:
+        """[(edit id, keys (m, d_in))] of the stack's active edits that journaled keys at ``name``."""
+        if self.stack is None or self.config.preserve_keep <= 0:
+            return []
+        found = [(i, self.stack.delta_of(i).keys.get(name)) for i in self.stack.active_ids]
+        return [(i, k) for i, k in found if k is not None]
 
     @torch.no_grad()
     def _took(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]]) -> bool:
@@ -164,10 +186,15 @@ class MendEditor:
         ).to(device_of(model))
         deadline = time.perf_counter() + self.config.refine_seconds
         so_far: dict[str, list[LowRankUpdate]] = {t.name: [] for t in self.targets}
-        passes = 0
+        device = device_of(model)
+        inverses = {name: kept.inverse([(i, k.to(device)) for i, k in self._earlier_keys(name)])
+                    for name, kept in self.preserved.items()}
+        passes, journaled = 0, {}
         while True:
-            for name, upd in self._pass(model, batch, so_far).items():
+            updates, keys = self._pass(model, batch, so_far, inverses)
+            for name, upd in updates.items():
                 so_far[name].append(upd)
+            journaled = journaled or keys  # the first pass's keys: where the facts were before this edit
             passes += 1
             if passes > self.config.refine_passes or time.perf_counter() > deadline:
                 break
@@ -177,7 +204,7 @@ class MendEditor:
                 "passes": str(passes)}
         if self.preserved:
             meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
-        return EditDelta(_joined(so_far), self.fingerprint, meta)
+        return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
 
 
 def _last_of_each_row(row: torch.Tensor) -> torch.Tensor:

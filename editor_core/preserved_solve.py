@@ -48,3 +48,34 @@ def preserved_update(update: LowRankUpdate, keys: torch.Tensor, inverse: torch.T
     gram = torch.eye(k.shape[0], dtype=k.dtype, device=k.device) + k @ a  # (n, n) = I + K (lam C)^-1 K^T
     x = torch.linalg.solve(gram, a.t())  # (n, d_in) = (I + K A)^-T A^T; gram is symmetric
     return LowRankUpdate(u=r.to(update.u.dtype), v=x.to(update.v.dtype))
+
+
+class KeptInverse:
+    """``(lam C + keep K_p^T K_p)^-1`` of one target, ``K_p`` the keys of the edits still active there.
+
+    MEMIT's ``memit_keep`` for MEND's re-solve: the keys earlier edits were written at join the preserved
+    term, so a later edit leaves their outputs where they were. The inverse is memoised by the ids of
+    the edits it covers and extended by Woodbury as edits are added (fp64, a rank-m update per edit); a
+    list of ids that is not an extension of the memoised one (a rollback) recomputes it from ``(lam C)^-1``.
+    """
+
+    def __init__(self, base: torch.Tensor, keep: float):
+        self.base = base.double()  # (d, d) (lam C)^-1
+        self.keep = keep
+        self._ids: tuple[str, ...] = ()
+        self._inverse = self.base
+
+    def inverse(self, earlier: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """(d, d) fp32 inverse for the earlier edits ``[(edit id, keys (m, d)), ...]``, oldest first."""
+        ids = tuple(i for i, _ in earlier)
+        known = len(self._ids)
+        if ids[:known] != self._ids:
+            self._ids, self._inverse, known = (), self.base, 0
+        new = [k for _, k in earlier[known:]]
+        if new and self.keep > 0:
+            k = self.keep ** 0.5 * torch.cat(new).to(self.base)  # (m, d)
+            a = self._inverse @ k.t()  # (d, m)
+            gram = torch.eye(k.shape[0], dtype=k.dtype, device=k.device) + k @ a  # (m, m)
+            self._inverse = self._inverse - a @ torch.linalg.solve(gram, a.t())  # Woodbury
+        self._ids = ids
+        return self._inverse.float()

@@ -1,16 +1,15 @@
 """The shipped MEND editor with its inference settings changed, scored one edit at a time and stacked.
 
 The tool for trying a lever of issue 11 (a MEND editor that takes) before it becomes the shipped setting:
-``--set`` changes :class:`~editor_core.config.MendConfig`'s inference fields (``preserve_lambda``,
-``refine_passes``, ``refine_seconds``), and the same records are scored as ``tools.results`` does:
+``--set`` changes :class:`~editor_core.config.MendConfig`'s inference fields (``INFERENCE_FIELDS``;
+``edit_targets`` is ``all`` or ``out_proj``), and the same records are scored as ``tools.results`` does:
 
-    python -m tools.mend_variant --name ls15-r3 --set preserve_lambda=15 refine_passes=3 --single 100 \\
-        --stacked 100 --checkpoints 10 100
+    python -m tools.mend_variant --name keep1 --set preserve_keep=1 --single 100 --stacked 100 \\
+        --checkpoints 10 100
 
 With ``preserve_lambda`` > 0 the editor's targets that have key statistics are re-solved against them
-(:mod:`editor_core.preserved_solve`); the statistics of the editor's layers are made once with the shipped
-recipe (CounterFact training prompts with their true answers, then 256 model-sampled texts, 40,000 tokens)
-and cached in ``--stats``. ``--only-out-proj`` drops the editor's other targets (gate/up projections).
+(:mod:`editor_core.preserved_solve`), with the statistics shipped beside the editor
+(``mend_keystats.safetensors``; how they were made: the editor's card).
 One JSON line per measurement goes to ``runs/variants/mend-<name>.jsonl``.
 """
 
@@ -19,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import statistics
 import time
 from dataclasses import replace
@@ -30,25 +28,7 @@ import torch
 log = logging.getLogger("mend_variant")
 
 SHOWN = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "success", "paraphrase_success", "neighbour_kept")
-TUNABLE = ("preserve_lambda", "preserve_keys", "refine_passes", "refine_seconds")
-
-
-def _statistics(model, tokenizer, layers: list[int], path: Path, train_data: str):
-    """Key statistics of the editor's layers, made with the shipped recipe and cached at ``path``."""
-    from editor_core.stats import KeyStats, collect_key_stats, counterfact_texts, sampled_texts
-
-    if path.is_file():
-        stats = KeyStats.load(path)
-        if set(layers) <= set(stats.layers) and stats.fits(model):
-            return stats
-    texts = counterfact_texts(train_data)
-    random.Random(0).shuffle(texts)
-    texts = sampled_texts(model, tokenizer, n=256, seed=0) + texts
-    stats = collect_key_stats(model, tokenizer, texts, layers, max_tokens=40_000,
-                              corpus=f"CounterFact prompts with true answers from {Path(train_data).name}; "
-                                     "256 model-sampled texts (seed 0)")
-    stats.save(path)
-    return stats
+TUNABLE = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes", "refine_seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default="../shared/data/counterfact-val.json")
-    p.add_argument("--train-data", default="../shared/data/counterfact-train.json", help="statistics corpus")
-    p.add_argument("--stats", default="runs/mend-stats/keystats.safetensors")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=NUMBER", help=f"any of {', '.join(TUNABLE)}")
-    p.add_argument("--only-out-proj", action="store_true", help="edit only the MLP output projections")
     p.add_argument("--single", type=int, default=0, help="score this many records one edit at a time")
     p.add_argument("--stacked", type=int, default=0, help="stack this many records' edits")
     p.add_argument("--checkpoints", type=int, nargs="+", default=[10, 100])
@@ -82,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if field not in TUNABLE:
                 raise ValueError(f"FIELD must be one of {', '.join(TUNABLE)}")
-            changes[field] = {"refine_passes": int, "preserve_keys": str}.get(field, float)(text)
-            replace(MendConfig(), **changes)  # the config's own checks, before the model loads
+            if field == "edit_targets":
+                if text not in ("all", "out_proj"):
+                    raise ValueError("edit_targets is 'all' (every trained target) or 'out_proj' (the down_proj)")
+                changes[field] = text
+            else:
+                changes[field] = {"refine_passes": int, "preserve_keys": str}.get(field, float)(text)
+            replace(MendConfig(), **{k: v for k, v in changes.items() if k != "edit_targets"})  # its checks
         except ValueError as err:
             p.error(f"--set {item!r}: {err}")
 
@@ -91,18 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     lm = models.load(args.model)
     model, tok = lm.model, lm.tokenizer
     stack = EditStack(model, checkpoint.stack_targets(model, shipped))
-    editor = MendEditor.load(shipped, stack)
-    editor.config = replace(editor.config, **changes)
-    if args.only_out_proj:
+    if "edit_targets" in changes:
         from editor_core.targets import out_proj_targets
 
-        keep = {t.name for t in out_proj_targets(model, sorted({t.block for t in editor.targets}))}
-        editor.targets = [t for t in editor.targets if t.name in keep]
-        editor.config = replace(editor.config, edit_targets=[t.name for t in editor.targets])
-    if editor.config.preserve_lambda > 0:
-        layers = sorted({t.block for t in editor.targets})
-        covered = editor.use_statistics(_statistics(model, tok, layers, Path(args.stats), args.train_data), model)
-        log.info("re-solving %s against key statistics (lam %g)", covered, editor.config.preserve_lambda)
+        trained = checkpoint.stack_targets(model, shipped)
+        out_proj = {t.name for t in out_proj_targets(model, sorted({t.block for t in trained}))}
+        changes["edit_targets"] = [] if changes["edit_targets"] == "all" else [
+            t.name for t in trained if t.name in out_proj]
+    editor = MendEditor.load(shipped, stack, settings=changes)  # statistics from beside it when it re-solves
     records = load_records(args.data)
     out = Path(f"runs/variants/mend-{args.name}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)

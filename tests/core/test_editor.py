@@ -178,3 +178,37 @@ def test_edit_targets_restrict_what_an_edit_writes(tiny_llama, tiny_tokenizer, f
     assert list(delta.updates) == names[:1]
     with pytest.raises(ValueError, match="edit_targets"):
         MendEditor.untrained(stack, MendConfig(rank=8, targets=names, edit_targets=["model.nowhere"]))
+
+
+def test_keep_holds_an_earlier_edit_s_key_where_it_was(tiny_llama, tiny_tokenizer, facts):
+    from editor_core.stats import collect_key_stats
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
+    first = EditRequest(facts[0]["prompt"], facts[0]["target_new"], subject=facts[0]["subject"])
+    second = EditRequest(facts[3]["prompt"], facts[3]["target_new"], subject=facts[3]["subject"])
+    moved = {}
+    for keep in (0.0, 10.0):
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2, factor_tokens="subject",
+                                                        preserve_lambda=1.0, preserve_keys="last", preserve_keep=keep))
+        (name,) = editor.use_statistics(stats, tiny_llama)
+        d1 = editor.compute_delta(tiny_llama, tiny_tokenizer, [first])
+        assert d1.keys[name].shape == (1, stack.targets[name].d_in)  # journaled: one key per request
+        stack.apply("first", d1)
+        try:
+            d2 = editor.compute_delta(tiny_llama, tiny_tokenizer, [second])
+        finally:
+            stack.revert("first")
+        moved[keep] = float((d1.keys[name] @ d2.updates[name].dense().t()).norm())  # the 2nd's change at the 1st
+    assert moved[10.0] < 0.5 * moved[0.0]
+
+
+def test_load_takes_inference_settings_only(tiny_llama, tmp_path):
+    from editor_core import checkpoint
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    editor = MendEditor.untrained(stack, MendConfig(rank=4, targets=list(stack.targets)))
+    checkpoint.save(tmp_path, editor.config, editor.nets.state_dict(), {"model_fingerprint": stack.fingerprint})
+    assert MendEditor.load(tmp_path, stack, settings={"refine_passes": 2}).config.refine_passes == 2
+    with pytest.raises(ValueError, match="rank"):
+        MendEditor.load(tmp_path, stack, settings={"rank": 8})

@@ -55,3 +55,25 @@ def test_factors_have_one_row_per_key_and_lambda_must_be_positive():
     assert solved.u.shape == (3, 10) and solved.v.shape == (3, 24)
     with pytest.raises(ValueError, match="lam must be > 0"):
         preserved_inverse(moment, 0.0)
+
+
+def test_kept_inverse_extends_and_recomputes_to_the_direct_inverse():
+    from editor_core.preserved_solve import KeptInverse
+
+    _, moment, _, _ = _setup()
+    g = torch.Generator().manual_seed(3)
+    ka, kb, kc = (torch.randn(m, 24, generator=g) for m in (2, 1, 3))
+    lam, keep = 2.0, 0.5
+    kept = KeptInverse(preserved_inverse(moment, lam, ridge=0.0), keep)
+
+    def direct(*keys):
+        k = torch.cat(keys).double()
+        return torch.linalg.inv(lam * moment.double() + keep * k.t() @ k).float()
+
+    torch.testing.assert_close(kept.inverse([("a", ka), ("b", kb)]), direct(ka, kb), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kept.inverse([("a", ka), ("b", kb), ("c", kc)]), direct(ka, kb, kc),
+                               atol=1e-5, rtol=1e-4)
+    # "b" rolled back: not an extension of what it holds, so it starts again from (lam C)^-1
+    torch.testing.assert_close(kept.inverse([("a", ka), ("c", kc)]), direct(ka, kc), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kept.inverse([]), torch.linalg.inv(lam * moment.double()).float(),
+                               atol=1e-5, rtol=1e-4)
