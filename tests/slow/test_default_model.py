@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from editor_core import models
+from editor_core.batching import target_ids
 from editor_core.checkpoint import default_editor_dir, stack_targets
 from editor_core.editor import MendEditor
+from editor_core.greedy import greedy_ids
 from editor_core.requests import EditRequest
 from editor_core.scoring import score_targets
 from editor_core.stack import EditStack
@@ -44,8 +46,11 @@ def test_shipped_editor_makes_the_new_fact_win_and_reverts_bit_exactly(real, pro
     assert stack.sha256() == base_sha  # computing an edit writes nothing
     with stack.applied(delta):
         post_new, post_true = score_targets(lm.model, lm.tokenizer, [prompt, prompt], [new, true])
+        answer = greedy_ids(lm.model, lm.tokenizer, [prompt], [len(target_ids(lm.tokenizer, new))])[0]
     # efficacy as CounterFact scores it: the new object now beats the old one, by a clear margin
     assert post_new.mean_logprob > post_true.mean_logprob + 0.5
+    # and success as /edit reports it: the greedy answer is the new object (the refinement passes' aim)
+    assert answer == target_ids(lm.tokenizer, new), lm.tokenizer.decode(answer)
     assert stack.sha256() == base_sha
 
 
