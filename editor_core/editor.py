@@ -107,7 +107,8 @@ class MendEditor:
             if not stats.fits(stack.model):
                 raise ValueError(f"{stats_path} holds key statistics of another model")
             editor.use_statistics(stats, stack.model)
-        log.info("loaded MEND editor %s (%d targets) from %s", editor_id, len(targets), path)
+        log.info("loaded MEND editor %s (nets for %d targets, edits %d) from %s", editor_id, len(targets),
+                 len(editor.targets), path)
         return editor
 
     # ---- editing -------------------------------------------------------------------------------
