@@ -148,10 +148,14 @@ def target_positions(batch: TokenBatch) -> torch.Tensor:
     return sel
 
 
+def target_labels(batch: TokenBatch) -> torch.Tensor:
+    """(N,) the target tokens, row-major like logits taken at :func:`target_positions`."""
+    return batch.labels[:, 1:][batch.target_mask]
+
+
 def selected_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """Scalar mean target NLL from logits (N, V) taken at :func:`target_positions` only."""
-    labels = batch.labels[:, 1:][batch.target_mask]  # (N,), row-major like the selected logits
-    return torch.nn.functional.cross_entropy(logits.float(), labels)
+    return torch.nn.functional.cross_entropy(logits.float(), target_labels(batch))
 
 
 def mean_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from editor_core import checkpoint
-from editor_core.batching import TokenBatch, build_batch, target_positions
+from editor_core.batching import TokenBatch, build_batch, target_labels, target_positions
 from editor_core.config import INFERENCE_FIELDS, MendConfig
 from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.fingerprint import model_fingerprint, weights_fingerprint
 from editor_core.functional_edit import added_updates
 from editor_core.grads import TokenFactors, capture_factors
+from editor_core.logits import logits_at
 from editor_core.models import device_of
 from editor_core.nets import MendNets
 from editor_core.preserved_solve import KeptInverse, preserved_inverse, preserved_update
@@ -166,11 +167,8 @@ class MendEditor:
     def _took(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]]) -> bool:
         """Whether every target token is already the greedy one (teacher-forced) under ``so_far``."""
         with added_updates(model, _joined(so_far)):
-            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      use_cache=False).last_hidden_state  # (B, T, d)
-            logits = model.get_output_embeddings()(hidden[target_positions(batch)])  # (N, V)
-        labels = batch.labels[:, 1:][batch.target_mask]  # (N,), row-major like the selected logits
-        return bool((logits.argmax(-1) == labels).all())
+            logits = logits_at(model, batch.input_ids, batch.attention_mask, target_positions(batch))  # (N, V)
+        return bool((logits.argmax(-1) == target_labels(batch)).all())
 
     def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
         """One forward/backward on the edit prompts, then the editor nets; the model is untouched.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from editor_core.delta import LowRankUpdate
+from editor_core.stats import ridged
 
 
 def preserved_inverse(moment: torch.Tensor, lam: float, ridge: float = 1e-4) -> torch.Tensor:
@@ -29,9 +30,7 @@ def preserved_inverse(moment: torch.Tensor, lam: float, ridge: float = 1e-4) -> 
     """
     if lam <= 0:
         raise ValueError(f"lam must be > 0, not {lam}")
-    c = moment.double()  # (d, d)
-    c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    return torch.linalg.inv(lam * c).float()
+    return torch.linalg.inv(lam * ridged(moment.double(), ridge)).float()  # (d, d)
 
 
 def preserved_update(update: LowRankUpdate, keys: torch.Tensor, inverse: torch.Tensor) -> LowRankUpdate:

@@ -233,6 +233,11 @@ def collect_key_stats(
                     weights_fingerprint=stats_weights_fingerprint(model, layers))
 
 
+def ridged(c: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C + ridge * mean(diag C) I: keeps a near-singular moment invertible, relative to its own scale."""
+    return c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+
+
 def null_space_basis(moment: torch.Tensor, n_null: int) -> torch.Tensor:
     """(d, n_null) orthonormal basis of the ``n_null`` directions of least variance of ``moment``."""
     d = moment.shape[0]

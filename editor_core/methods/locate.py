@@ -50,7 +50,7 @@ from editor_core.methods.values import (
 from editor_core.models import device_of
 from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
-from editor_core.stats import KeyStats, null_space_basis
+from editor_core.stats import KeyStats, null_space_basis, ridged
 from editor_core.targets import Target, out_proj_targets
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class LocateEditor:
         self._stats_id = {"corpus": stats.corpus, "tokens": stats.tokens, "fisher_tokens": stats.fisher_tokens,
                           "fingerprint": stats.fingerprint}
         ridge = self.config.ridge
-        moments = {t.name: _ridged(stats.moments[t.block], ridge) for t in self.targets}  # (d_in, d_in)
+        moments = {t.name: ridged(stats.moments[t.block].float(), ridge) for t in self.targets}  # (d_in, d_in)
         # method-specific precomputation, from the statistics only (never from edits), done on the CPU
         # where the statistics load (the same basis on every device), then kept on the model's device,
         # where the keys of each edit are computed
@@ -530,8 +530,3 @@ def _factors(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, fl
     total = float((sing ** 2).sum())
     kept = float((sing[:r] ** 2).sum()) / total if total > 0 else 1.0
     return (left[:, :r] * sing[:r]).t().float().contiguous(), right[:r].float().contiguous(), kept
-
-
-def _ridged(c: torch.Tensor, ridge: float) -> torch.Tensor:
-    c = c.float()
-    return c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], device=c.device)
