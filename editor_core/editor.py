@@ -150,7 +150,7 @@ class MendEditor:
         keys = {}
         with torch.no_grad():
             updates = self.updates_from_factors(factors)
-            rows = _last_of_each_row(factors.row) if self.config.preserve_keys == "last" else slice(None)
+            rows = last_of_each_row(factors.row) if self.config.preserve_keys == "last" else slice(None)
             for name, inverse in inverses.items():
                 keys[name] = factors.x[name][rows]  # (n, d_in)
                 updates[name] = preserved_update(updates[name], keys[name], inverse)
@@ -206,7 +206,7 @@ class MendEditor:
         return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
 
 
-def _last_of_each_row(row: torch.Tensor) -> torch.Tensor:
+def last_of_each_row(row: torch.Tensor) -> torch.Tensor:
     """(B,) index of the last factor token of each batch row, from the tokens' rows (N,) in order."""
     last = torch.ones_like(row, dtype=torch.bool)  # (N,)
     last[:-1] = row[1:] != row[:-1]

@@ -155,10 +155,10 @@ def test_config_refuses_negative_settings():
 
 
 def test_last_key_re_solve_has_one_row_per_request(tiny_llama, tiny_tokenizer, facts):
-    from editor_core.editor import _last_of_each_row
+    from editor_core.editor import last_of_each_row
     from editor_core.stats import collect_key_stats
 
-    assert _last_of_each_row(torch.tensor([0, 0, 0, 1, 2, 2])).tolist() == [2, 3, 5]
+    assert last_of_each_row(torch.tensor([0, 0, 0, 1, 2, 2])).tolist() == [2, 3, 5]
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
     editor = MendEditor.untrained(stack, MendConfig(rank=8, factor_tokens="subject", preserve_lambda=1.0,
