@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
-                    "refine_seconds")
+                    "refine_seconds", "pass_scale")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class MendConfig:
     # one forward/backward on the edited model plus the editor nets), within refine_seconds in all
     refine_passes: int = 0
     refine_seconds: float = 2.0
+    # each pass's update is written times this: below 1, smaller steps that re-read the model more often
+    # (one pass scaled up saturates: README, "MEND that takes"), with more passes to reach the target
+    pass_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.factor_tokens not in ("all", "subject"):
@@ -55,6 +58,8 @@ class MendConfig:
         for name in ("preserve_lambda", "preserve_keep", "refine_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
+        if not self.pass_scale > 0:
+            raise ValueError(f"pass_scale must be > 0, not {self.pass_scale!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

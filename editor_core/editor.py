@@ -154,7 +154,9 @@ class MendEditor:
             for name, inverse in inverses.items():
                 keys[name] = factors.x[name][rows]  # (n, d_in)
                 updates[name] = preserved_update(updates[name], keys[name], inverse)
-        return {n: LowRankUpdate(u.u.detach(), u.v.detach()) for n, u in updates.items()}, keys
+        scale = self.config.pass_scale
+        return {n: LowRankUpdate((scale * u.u if scale != 1 else u.u).detach(), u.v.detach())
+                for n, u in updates.items()}, keys
 
     def _earlier_keys(self, name: str) -> list[tuple[str, torch.Tensor]]:
         """[(edit id, keys (m, d_in))] of the stack's active edits that journaled keys at ``name``."""
@@ -175,7 +177,8 @@ class MendEditor:
 
         With ``config.refine_passes`` > 0, while the new target is not every token's greedy answer,
         another pass on the model as the edit so far leaves it (at most that many, within
-        ``config.refine_seconds``); the delta is the sum of the passes' updates.
+        ``config.refine_seconds``); the delta is the sum of the passes' updates, each
+        written times ``config.pass_scale``.
         """
         if not requests:
             raise ValueError("no edit requests")
@@ -203,6 +206,8 @@ class MendEditor:
                 "passes": str(passes)}
         if self.preserved:
             meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
+        if self.config.pass_scale != 1:
+            meta["pass_scale"] = f"{self.config.pass_scale:g}"
         return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
 
 

@@ -28,7 +28,8 @@ import torch
 log = logging.getLogger("mend_variant")
 
 SHOWN = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "success", "paraphrase_success", "neighbour_kept")
-TUNABLE = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes", "refine_seconds")
+TUNABLE = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes", "refine_seconds",
+           "pass_scale")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,17 @@ def test_more_passes_lower_the_loss_further(tiny_model, tiny_tokenizer, facts):
     assert losses[1] < losses[0]
 
 
+def test_pass_scale_writes_each_pass_smaller(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    req = [EditRequest(facts[1]["prompt"], facts[1]["target_new"])]
+    full = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-3)).compute_delta(tiny_llama, tiny_tokenizer, req)
+    half = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-3, pass_scale=0.5)).compute_delta(
+        tiny_llama, tiny_tokenizer, req)
+    for name, upd in full.updates.items():
+        torch.testing.assert_close(half.updates[name].dense(), 0.5 * upd.dense())
+    assert half.meta["pass_scale"] == "0.5" and "pass_scale" not in full.meta
+
+
 def test_statistics_re_solve_the_covered_targets_only(tiny_llama, tiny_tokenizer, facts):
     from editor_core.stats import collect_key_stats
     from editor_core.targets import out_proj_targets
@@ -149,7 +160,8 @@ def test_statistics_re_solve_the_covered_targets_only(tiny_llama, tiny_tokenizer
 
 
 def test_config_refuses_negative_settings():
-    for bad in ({"refine_passes": -1}, {"refine_passes": 1.5}, {"preserve_lambda": -2.0}, {"refine_seconds": -1}):
+    for bad in ({"refine_passes": -1}, {"refine_passes": 1.5}, {"preserve_lambda": -2.0}, {"refine_seconds": -1},
+                {"pass_scale": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             MendConfig(**bad)
 
