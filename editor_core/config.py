@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
-                    "refine_seconds", "pass_scale")
+                    "refine_seconds", "pass_scale", "edit_prefixes")
 
 
 @dataclass
@@ -47,6 +47,10 @@ class MendConfig:
     # each pass's update is written times this: below 1, smaller steps that re-read the model more often
     # (one pass scaled up saturates: README, "MEND that takes"), with more passes to reach the target
     pass_scale: float = 1.0
+    # the edit is also made, and checked, behind each of these prefixes (one more batch row each), as
+    # MEMIT reads its value behind several prefixes, so that the edit is not made for its one wording
+    # only; later edits keep the bare prompt's keys. Needs preserve_keys "last" when re-solving
+    edit_prefixes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.factor_tokens not in ("all", "subject"):
@@ -60,6 +64,8 @@ class MendConfig:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
         if not self.pass_scale > 0:
             raise ValueError(f"pass_scale must be > 0, not {self.pass_scale!r}")
+        if self.edit_prefixes and self.preserve_lambda > 0 and self.preserve_keys != "last":
+            raise ValueError("edit_prefixes with a re-solve needs preserve_keys 'last' (one key per batch row)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -178,13 +178,17 @@ class MendEditor:
         With ``config.refine_passes`` > 0, while the new target is not every token's greedy answer,
         another pass on the model as the edit so far leaves it (at most that many, within
         ``config.refine_seconds``); the delta is the sum of the passes' updates, each
-        written times ``config.pass_scale``.
+        written times ``config.pass_scale``. With ``config.edit_prefixes``, every pass and the check
+        also cover each prompt behind each prefix.
         """
         if not requests:
             raise ValueError("no edit requests")
+        # each request's bare prompt first, then behind each of the edit prefixes: rows request-major
+        wordings = ["", *self.config.edit_prefixes]
+        rows = [(w + r.prompt, r) for r in requests for w in wordings]
         batch = build_batch(
-            tokenizer, [r.prompt for r in requests], [r.target for r in requests], self.config.max_len,
-            subjects=self.factor_subjects([r.subject for r in requests]),
+            tokenizer, [p for p, _ in rows], [r.target for _, r in rows], self.config.max_len,
+            subjects=self.factor_subjects([r.subject for _, r in rows]),
         ).to(device_of(model))
         deadline = time.perf_counter() + self.config.refine_seconds
         so_far: dict[str, list[LowRankUpdate]] = {t.name: [] for t in self.targets}
@@ -196,7 +200,8 @@ class MendEditor:
             updates, keys = self._pass(model, batch, so_far, inverses)
             for name, upd in updates.items():
                 so_far[name].append(upd)
-            journaled = journaled or keys  # the first pass's keys: where the facts were before this edit
+            # the first pass's keys, where the facts were before this edit; the bare prompts' only
+            journaled = journaled or {n: k[:: len(wordings)] for n, k in keys.items()}
             passes += 1
             if passes > self.config.refine_passes or time.perf_counter() > deadline:
                 break
@@ -208,6 +213,8 @@ class MendEditor:
             meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
         if self.config.pass_scale != 1:
             meta["pass_scale"] = f"{self.config.pass_scale:g}"
+        if self.config.edit_prefixes:
+            meta["edit_prefixes"] = str(len(self.config.edit_prefixes))
         return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
 
 

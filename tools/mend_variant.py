@@ -29,7 +29,7 @@ log = logging.getLogger("mend_variant")
 
 SHOWN = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "success", "paraphrase_success", "neighbour_kept")
 TUNABLE = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes", "refine_seconds",
-           "pass_scale")
+           "pass_scale", "edit_prefixes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
                 if text not in ("all", "out_proj"):
                     raise ValueError("edit_targets is 'all' (every trained target) or 'out_proj' (the down_proj)")
                 changes[field] = text
+            elif field == "edit_prefixes":  # "|"-separated, e.g. "The following is true. |I read that "
+                changes[field] = [x for x in text.split("|") if x]
             else:
                 changes[field] = {"refine_passes": int, "preserve_keys": str}.get(field, float)(text)
-            replace(MendConfig(), **{k: v for k, v in changes.items() if k != "edit_targets"})  # its checks
+            # its checks, on a config that re-solves at the last key as the shipped one does
+            replace(MendConfig(preserve_lambda=1.0, preserve_keys="last"),
+                    **{k: v for k, v in changes.items() if k != "edit_targets"})
         except ValueError as err:
             p.error(f"--set {item!r}: {err}")
 

@@ -224,3 +224,27 @@ def test_load_takes_inference_settings_only(tiny_llama, tmp_path):
     assert MendEditor.load(tmp_path, stack, settings={"refine_passes": 2}).config.refine_passes == 2
     with pytest.raises(ValueError, match="rank"):
         MendEditor.load(tmp_path, stack, settings={"rank": 8})
+
+
+def test_edit_prefixes_edit_behind_each_prefix_and_journal_the_bare_prompt_s_key(tiny_llama, tiny_tokenizer, facts):
+    from editor_core.stats import collect_key_stats
+
+    with pytest.raises(ValueError, match="edit_prefixes"):
+        MendConfig(preserve_lambda=1.0, preserve_keys="all", edit_prefixes=["I read that "])
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    texts = [f["prompt"] + " " + f["ground_truth"] for f in facts]
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, texts, [1], progress=False)
+    reqs = [EditRequest(f["prompt"], f["target_new"], subject=f["subject"]) for f in facts[:2]]
+    deltas = {}
+    for prefixes in ([], ["I read that ", "As everyone knows, "]):
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2, factor_tokens="subject",
+                                                        preserve_lambda=1.0, preserve_keys="last",
+                                                        edit_prefixes=prefixes))
+        (name,) = editor.use_statistics(stats, tiny_llama)
+        deltas[len(prefixes)] = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+    bare, behind = deltas[0], deltas[2]
+    # the re-solve keeps the change at one key per batch row: 3 rows per request behind two prefixes
+    assert bare.updates[name].rank == 2 and behind.updates[name].rank == 6
+    # later edits keep the bare prompts' keys only, the same keys an edit without prefixes journals
+    torch.testing.assert_close(behind.keys[name], bare.keys[name])
+    assert behind.meta["edit_prefixes"] == "2" and "edit_prefixes" not in bare.meta

@@ -12,6 +12,7 @@ from tools import mend_variant
     ("refine_passes=1.5", "invalid literal"),
     ("refine_passes=-1", "refine_passes must be a whole number"),
     ("preserve_lambda=-3", "preserve_lambda must be >= 0"),
+    ("pass_scale=0", "pass_scale must be > 0"),
 ])
 def test_bad_settings_are_usage_errors(item, message, capsys, monkeypatch):
     from editor_core import models
