@@ -22,6 +22,7 @@ forward/backward passes see.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import statistics
 from pathlib import Path
@@ -36,10 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     from editor_core.batching import build_batch, target_labels, target_positions
     from editor_core.data import load_records
     from editor_core.delta import LowRankUpdate
-    from editor_core.editor import MendEditor, last_of_each_row
+    from editor_core.editor import STATS_FILE, MendEditor, last_of_each_row
     from editor_core.functional_edit import added_updates
     from editor_core.grads import capture_factors
     from editor_core.logits import logits_at
+    from editor_core.preserved_solve import preserved_inverse
     from editor_core.stack import EditStack
     from editor_core.stats import KeyStats, ridged
 
@@ -55,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     shipped = checkpoint.default_editor_dir(args.model)
     lm = models.load(args.model)
     model, tok = lm.model, lm.tokenizer
-    editor = MendEditor.load(shipped, EditStack(model, checkpoint.stack_targets(model, shipped)))
+    # the whole pass (the shipped pass_scale would shrink it): the sweep scales it itself
+    editor = MendEditor.load(shipped, EditStack(model, checkpoint.stack_targets(model, shipped)),
+                             settings={"pass_scale": 1.0})
     if not editor.preserved:
         p.error("the shipped editor does not re-solve against statistics (preserve_lambda 0)")
-    stats = KeyStats.load(Path(shipped) / "mend_keystats.safetensors")
+    stats = KeyStats.load(Path(shipped) / STATS_FILE)
     inverses = {n: kept.inverse([]) for n, kept in editor.preserved.items()}
+    ridge = inspect.signature(preserved_inverse).parameters["ridge"].default  # the ridge the editor's solve uses
 
     @torch.no_grad()
     def scored(batch, updates: dict[str, LowRankUpdate]) -> tuple[float, bool]:
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             r = gain * upd.u.double()  # (1, d_out)
             grad = factors.delta[name][last].double()  # (1, d_out)
             layer = int(name.split(".")[2])
-            moment = ridged(stats.moments[layer].float(), 1e-4).double()
+            moment = ridged(stats.moments[layer].double(), ridge)
             dw = upd.u.double().t() @ upd.v.double()
             per_target.setdefault(name, []).append((
                 float(torch.nn.functional.cosine_similarity(r, -grad)), float(r.norm() ** 2),
