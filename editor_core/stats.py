@@ -380,7 +380,7 @@ def run(args) -> int:
         stats.fisher, stats.fisher_tokens = collect_value_fisher(
             model, tokenizer, texts, config.value_layers, max_tokens=args.fisher_tokens, seed=args.seed,
             progress=not args.no_progress)
-        if fresh:  # a new config measures values in it, as the shipped one does (README, "Measuring a value")
+        if fresh:  # a new config measures values in it, as the shipped one does (docs/LOCATE.md, "Measuring a value")
             config.value.metric = "fisher"
     path = stats.save(out / STATS_FILE)
     config.save(out)

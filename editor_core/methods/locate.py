@@ -78,7 +78,7 @@ class LocateConfig:
     # weight of the keys of earlier active edits in MEMIT's preserved term, beside memit_lambda * C:
     # 0 is the paper's MEMIT, which protects only what the statistics describe; > 0 keeps earlier
     # corrections where they were, as AlphaEdit's second term does, without a hard null space. 5 was
-    # measured against 1 up to 1,000 stacked edits (README, "Two levers against the wearing away"): no
+    # measured against 1 up to 1,000 stacked edits (docs/LOCATE.md, "Two levers against the wearing away"): no
     # better at 1,000 (success 0.69 against 0.72), so 1 stays.
     # A saved config without this field was made before it existed and is read as 0 (from_dict)
     memit_keep: float = 1.0
@@ -93,12 +93,12 @@ class LocateConfig:
     # again on the weights as they are then, instead of as they were when each fact was edited: the
     # edits below a layer move the keys above it (8-19% at layers 5-8 after 1,000 edits), and later
     # edits held off the recorded keys fire on the moved ones. 0 keeps the recorded keys. Measured with 50
-    # (README, "Reading the moved keys again"): the same success at 1,000 stacked edits (0.72), at up to
+    # (docs/LOCATE.md, "Reading the moved keys again"): the same success at 1,000 stacked edits (0.72), at up to
     # a minute's reading every 50 edits, so it is off
     key_refresh: int = 0
     # also keep, for every earlier fact, the edited layers' inputs at the tokens of its prompt before the
     # subject's last one (what that token attends to), so that later edits leave its keys above where they
-    # were instead of only not firing on them as recorded (README, "Reading the moved keys again")
+    # were instead of only not firing on them as recorded (docs/LOCATE.md, "Reading the moved keys again")
     keep_context_keys: bool = False
     # ridge on the update (AlphaEdit's L2), relative to trace(C) = E||k||^2 so that one setting fits any
     # key scale: a fact whose key puts a share f of its energy into the null space is inserted to
@@ -108,8 +108,8 @@ class LocateConfig:
     # AlphaEdit's layers dealt into this many interleaved groups (group g = layers[g::groups]); each
     # fact is written into one group, chosen from its subject, so each layer holds the keys of about
     # 1/groups of the facts. Every fact takes one direction of a layer's null_dims-wide null space, so
-    # groups delay its filling up; but each fact then spreads over fewer layers and leaks more (README,
-    # "Levers tried": 2 groups lose to 1 at 100, 300 and 600 stacked edits), hence the default of one group
+    # groups delay its filling up; but each fact then spreads over fewer layers and leaks more
+    # (docs/LOCATE.md, "Levers tried": 2 groups lose to 1 at 100, 300 and 600 stacked edits), hence the default of one group
     alphaedit_groups: int = 1
     # weight of AlphaEdit's term that keeps the keys of earlier active edits where they were
     # (||dW K_p||^2 beside the new facts' ||dW K - R||^2); the paper weighs both alike (1.0). More
@@ -120,7 +120,7 @@ class LocateConfig:
     # update jointly (:func:`refit`): the weights that give the facts' keys what the sum gives them, in the
     # least-squares sense, against refit_lambda * C. One fact at a time, each solve spends its own budget
     # on C; the joint solve finds what the facts share and drops what only added to the leaks. 0: off.
-    # Measured every 100 on the default model (README, "Re-solving the stack jointly"): with lam 50,
+    # Measured every 100 on the default model (docs/LOCATE.md, "Re-solving the stack jointly"): with lam 50,
     # success 0.829 at 1,000 stacked edits against 0.794 without, and within 0.011 of it at 300 and 600
     # (lam 150: 0.810 at 1,000, but 0.03-0.04 less at 300 and 600). A config saved before this field
     # existed reads 0 (LEGACY)

@@ -20,7 +20,7 @@ descent of the target's loss per unit of that cost, so the value reaches its tar
 ordinary text is less sensitive to. On 12 counterfact-val facts (block 8, ``rho`` 0.3, ``F`` from 4,659
 positions of the model's own text) it took the same steps to the same stopping point (every target
 token first, NLL below 0.05) with ``|delta|`` 5% longer and ``delta^T F delta / |h|^2`` halved (median
-0.094 against 0.194). Stacked, what that buys is in the README ("Measuring a value in what it costs").
+0.094 against 0.194). Stacked, what that buys is in docs/LOCATE.md ("Measuring a value in what it costs").
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class ValueConfig:
     steps: int = 40  # descent steps at most
     # "ngd": normalised gradient descent, each step step_size * ||h|| along the gradient; "adam": ROME's
     # Adam on delta, which moves every coordinate by about lr and so writes longer values that leak more
-    # (README, "Levers tried"). A saved config without this field was made with Adam and is read as such
+    # (docs/LOCATE.md, "Levers tried"). A saved config without this field was made with Adam and is read as such
     # (LocateConfig.from_dict)
     optimizer: str = "ngd"
     step_size: float = 0.1  # ngd: length of one step, relative to ||h||

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from editor_core.batching import build_batch, mean_target_nll, target_ids
+from editor_core.batching import build_batch, mean_target_nll, target_ids, token_logprobs
 from editor_core.config import MendConfig
 from editor_core.editor import MendEditor
 from editor_core.functional_edit import added_updates
@@ -82,11 +82,14 @@ def test_edit_runs_the_output_layer_at_target_positions_only_and_gets_the_full_g
         handle.remove()
     batch = build_batch(tiny_tokenizer, [r.prompt for r in reqs], [r.target for r in reqs])
     assert rows == [int(batch.target_mask.sum())]  # one (N, d) call: N target tokens, not B x T
-    # the same factors as a backward from the full (B, T, V) logits
+    # the same factors as a backward from the full (B, T, V) logits, each request's mean NLL summed
     def full_logits():
         return tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
-    full = capture_factors(tiny_model, editor.targets, batch, run=full_logits, loss_fn=mean_target_nll)
+    def per_row_nll(logits, batch):
+        return (-token_logprobs(logits, batch).sum(-1) / batch.target_mask.sum(-1)).sum()
+
+    full = capture_factors(tiny_model, editor.targets, batch, run=full_logits, loss_fn=per_row_nll)
     with torch.no_grad():
         want = editor.updates_from_factors(full)
     for name, up in want.items():
@@ -248,3 +251,41 @@ def test_edit_prefixes_edit_behind_each_prefix_and_journal_the_bare_prompt_s_key
     # later edits keep the bare prompts' keys only, the same keys an edit without prefixes journals
     torch.testing.assert_close(behind.keys[name], bare.keys[name])
     assert behind.meta["edit_prefixes"] == "2" and "edit_prefixes" not in bare.meta
+
+
+def test_a_batch_of_facts_is_the_sum_of_each_fact_edited_alone(tiny_llama, tiny_tokenizer, facts):
+    # a batch-mean loss would shrink each fact's gradient by the batch size before the nets read it
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2, factor_tokens="subject"))
+    reqs = [EditRequest(f["prompt"], f["target_new"], subject=f["subject"]) for f in facts[:3]]
+    both = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+    alone = [editor.compute_delta(tiny_llama, tiny_tokenizer, [r]) for r in reqs]
+    for name, upd in both.updates.items():
+        torch.testing.assert_close(upd.dense(), sum(a.updates[name].dense() for a in alone), atol=1e-6, rtol=1e-4)
+
+
+def test_a_batch_re_solve_asks_each_key_for_its_own_fact_s_change(tiny_llama, tiny_tokenizer, facts):
+    from editor_core.preserved_solve import preserved_inverse
+    from editor_core.stats import collect_key_stats
+
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1.0, factor_tokens="subject",
+                                                    preserve_lambda=1.0, preserve_keys="last"))
+    (covered,) = editor.use_statistics(stats, tiny_llama)
+    reqs = [EditRequest(f["prompt"], f["target_new"], subject=f["subject"]) for f in facts[:2]]
+    delta = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+    both, keys = delta.updates[covered], delta.keys[covered]  # keys (2, d_in): each fact's subject's last token
+    plain = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1.0, factor_tokens="subject"))
+    own = [plain.compute_delta(tiny_llama, tiny_tokenizer, [r]).updates[covered] for r in reqs]
+    # what fact i's own proposal does at its key, and nothing of the other fact's
+    wanted = torch.stack([keys[i] @ own[i].dense().t() for i in range(2)])  # (2, d_out)
+    inverse = preserved_inverse(stats.moments[1], 1.0).to(keys.device)
+    summed = own[0].dense() + own[1].dense()
+    mixed = keys @ summed.t()  # (2, d_out): what the summed proposals do at each key
+    assert (mixed - wanted).norm() > 0.05 * wanted.norm()  # the facts' proposals do reach each other's keys
+    # R^T K (lam C + K^T K)^-1 with R = wanted, in its Woodbury form
+    a = inverse @ keys.t()  # (d_in, 2)
+    x = torch.linalg.solve(torch.eye(2) + keys @ a, a.t())  # (2, d_in)
+    want = wanted.t() @ x  # (d_out, d_in)
+    assert (both.dense() - want).norm() < 1e-4 * want.norm()
