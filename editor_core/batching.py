@@ -6,6 +6,7 @@ those of ``" " + target`` wherever it is placed, and the boundary never merges i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,23 @@ def target_labels(batch: TokenBatch) -> torch.Tensor:
 def selected_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """Scalar mean target NLL from logits (N, V) taken at :func:`target_positions` only."""
     return torch.nn.functional.cross_entropy(logits.float(), target_labels(batch))
+
+
+def per_request_target_nll(request_of_row: torch.Tensor) -> Callable[[torch.Tensor, TokenBatch], torch.Tensor]:
+    """A loss like :func:`selected_target_nll` that sums, over requests, each request's mean target NLL.
+
+    ``request_of_row`` (B,) is the request each batch row belongs to. With one request it is the batch
+    mean; with many, each request's gradient is what it would be edited alone, where the batch mean
+    would shrink it by the number of facts (and an editor net reads its input's scale).
+    """
+    def loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        nll = torch.nn.functional.cross_entropy(logits.float(), target_labels(batch), reduction="none")  # (N,)
+        rows = torch.arange(batch.labels.shape[0], device=nll.device).unsqueeze(1).expand_as(batch.target_mask)
+        req = request_of_row.to(nll.device)[rows[batch.target_mask]]  # (N,) request of each target token
+        n = int(request_of_row.max()) + 1
+        tokens = torch.bincount(req, minlength=n).clamp(min=1).to(nll.dtype)  # (n,)
+        return (torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, req, nll) / tokens).sum()
+    return loss
 
 
 def mean_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:

@@ -31,7 +31,7 @@ class MendConfig:
     # keep MEND's sum.
     preserve_lambda: float = 0.0
     # the targets an edit writes, a subset of ``targets`` (empty: all of them); the nets stay trained for
-    # every target. Measured (README, "MEND that takes"): with the re-solve and refinement passes, writing
+    # every target. Measured (docs/MEND.md, "MEND that takes"): with the re-solve and refinement passes, writing
     # only the output projections (which the statistics cover) keeps neighbours far better
     edit_targets: list[str] = field(default_factory=list)
     # the keys that re-solve must keep the editor's change at: "all" factor tokens, or "last", the last
@@ -41,11 +41,12 @@ class MendConfig:
     # beside preserve_lambda * C, as MEMIT's memit_keep: later edits leave their outputs where they were
     preserve_keep: float = 0.0
     # when the target is not yet the greedy answer after an edit pass, up to this many more passes (each
-    # one forward/backward on the edited model plus the editor nets), within refine_seconds in all
+    # one forward/backward on the edited model plus the editor nets), within refine_seconds per fact of
+    # the request (a batch of n facts gets n times that: each of its passes costs about n times one's)
     refine_passes: int = 0
     refine_seconds: float = 2.0
     # each pass's update is written times this: below 1, smaller steps that re-read the model more often
-    # (one pass scaled up saturates: README, "MEND that takes"), with more passes to reach the target
+    # (one pass scaled up saturates: docs/MEND.md, "MEND that takes"), with more passes to reach the target
     pass_scale: float = 1.0
     # the edit is also made, and checked, behind each of these prefixes (one more batch row each), as
     # MEMIT reads its value behind several prefixes, so that the edit is not made for its one wording

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from editor_core import checkpoint
-from editor_core.batching import TokenBatch, build_batch, target_labels, target_positions
+from editor_core.batching import (
+    TokenBatch,
+    build_batch,
+    per_request_target_nll,
+    target_labels,
+    target_positions,
+)
 from editor_core.config import INFERENCE_FIELDS, MendConfig
 from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.fingerprint import model_fingerprint, weights_fingerprint
@@ -142,18 +148,28 @@ class MendEditor:
         return [t.name for t in covered]
 
     def _pass(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]],
-              inverses: dict[str, torch.Tensor]) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]]:
+              inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor
+              ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]]:
         """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, and the
-        keys the re-solved ones were solved at (target name -> (n, d_in))."""
+        keys the re-solved ones were solved at (target name -> (n, d_in)).
+
+        ``request_of_row`` (B,): the request of each batch row. Each request's gradient is the one it
+        would have alone (a batch of facts is not a batch-mean loss, which would shrink every fact's
+        gradient by their number below what the nets were trained on), and each key of the re-solve
+        asks for what its own request's proposal does there.
+        """
         with added_updates(model, _joined(so_far)):
-            factors = capture_factors(model, self.targets, batch)  # output layer at target positions only
+            # output layer at target positions only
+            factors = capture_factors(model, self.targets, batch, loss_fn=per_request_target_nll(request_of_row))
         keys = {}
         with torch.no_grad():
             updates = self.updates_from_factors(factors)
             rows = last_of_each_row(factors.row) if self.config.preserve_keys == "last" else slice(None)
+            factor_owner = request_of_row[factors.row]  # (N,)
+            owners = (factor_owner[rows], factor_owner)
             for name, inverse in inverses.items():
                 keys[name] = factors.x[name][rows]  # (n, d_in)
-                updates[name] = preserved_update(updates[name], keys[name], inverse)
+                updates[name] = preserved_update(updates[name], keys[name], inverse, owners)
         scale = self.config.pass_scale
         return {n: LowRankUpdate((scale * u.u if scale != 1 else u.u).detach(), u.v.detach())
                 for n, u in updates.items()}, keys
@@ -177,7 +193,7 @@ class MendEditor:
 
         With ``config.refine_passes`` > 0, while the new target is not every token's greedy answer,
         another pass on the model as the edit so far leaves it (at most that many, within
-        ``config.refine_seconds``); the delta is the sum of the passes' updates, each
+        ``config.refine_seconds`` per request); the delta is the sum of the passes' updates, each
         written times ``config.pass_scale``. With ``config.edit_prefixes``, every pass and the check
         also cover each prompt behind each prefix.
         """
@@ -190,14 +206,16 @@ class MendEditor:
             tokenizer, [p for p, _ in rows], [r.target for _, r in rows], self.config.max_len,
             subjects=self.factor_subjects([r.subject for _, r in rows]),
         ).to(device_of(model))
-        deadline = time.perf_counter() + self.config.refine_seconds
+        # the time cap is per fact: a batch's passes each cost about as much as one pass per fact
+        deadline = time.perf_counter() + self.config.refine_seconds * len(requests)
         so_far: dict[str, list[LowRankUpdate]] = {t.name: [] for t in self.targets}
         device = device_of(model)
         inverses = {name: kept.inverse([(i, k.to(device)) for i, k in self._earlier_keys(name)])
                     for name, kept in self.preserved.items()}
         passes, journaled = 0, {}
+        request_of_row = torch.arange(len(rows), device=device) // len(wordings)  # (B,) rows are request-major
         while True:
-            updates, keys = self._pass(model, batch, so_far, inverses)
+            updates, keys = self._pass(model, batch, so_far, inverses, request_of_row)
             for name, upd in updates.items():
                 so_far[name].append(upd)
             # the first pass's keys, where the facts were before this edit; the bare prompts' only

@@ -33,16 +33,25 @@ def preserved_inverse(moment: torch.Tensor, lam: float, ridge: float = 1e-4) -> 
     return torch.linalg.inv(lam * ridged(moment.double(), ridge)).float()  # (d, d)
 
 
-def preserved_update(update: LowRankUpdate, keys: torch.Tensor, inverse: torch.Tensor) -> LowRankUpdate:
+def preserved_update(update: LowRankUpdate, keys: torch.Tensor, inverse: torch.Tensor,
+                     owners: tuple[torch.Tensor, torch.Tensor] | None = None) -> LowRankUpdate:
     """The least-squares form of ``update`` against the statistics behind ``inverse``.
 
     update: dW = u^T v, u (r, d_out), v (r, d_in); keys: (n, d_in), the inputs the edit must change;
     inverse: (d_in, d_in) from :func:`preserved_inverse`. Returns factors (n, d_out), (n, d_in) of
     ``R^T K (lam C + K^T K)^-1`` with ``R = K dW^T``: the same output change at ``keys`` up to the
     ridge (each key keeps about ``s / (1 + s)`` of it, ``s = k^T (lam C)^-1 k``), far less elsewhere.
+
+    ``owners`` = (key_owner (n,), factor_owner (r,)), the fact each key and each factor row belongs to:
+    then a key's wanted change is what its *own* fact's rows do there, not what the other facts of a
+    batch also do (their proposals would otherwise add up at it, and the solve would write that sum).
     """
     k = keys.float()  # (n, d_in)
-    r = (k @ update.v.float().t()) @ update.u.float()  # (n, d_out): the output change at each key
+    scores = k @ update.v.float().t()  # (n, r): each factor row's weight at each key
+    if owners is not None:
+        key_owner, factor_owner = owners
+        scores = scores * (key_owner.unsqueeze(1) == factor_owner.unsqueeze(0)).to(scores.dtype)
+    r = scores @ update.u.float()  # (n, d_out): the output change at each key
     a = inverse @ k.t()  # (d_in, n)
     gram = torch.eye(k.shape[0], dtype=k.dtype, device=k.device) + k @ a  # (n, n) = I + K (lam C)^-1 K^T
     x = torch.linalg.solve(gram, a.t())  # (n, d_in) = (I + K A)^-T A^T; gram is symmetric
