@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
-                    "refine_seconds", "pass_scale", "edit_prefixes")
+                    "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale")
 
 
 @dataclass
@@ -52,6 +52,12 @@ class MendConfig:
     # MEMIT reads its value behind several prefixes, so that the edit is not made for its one wording
     # only; later edits keep the bare prompt's keys. Needs preserve_keys "last" when re-solving
     edit_prefixes: list[str] = field(default_factory=list)
+    # each request's edit loss (its mean target NLL) is multiplied by this before the nets read its
+    # gradient. `mend train` makes one batched edit of `edits_per_step` facts per step from the batch's
+    # mean NLL, so the nets were trained on one fact's gradient at about 1/edits_per_step of its size
+    # alone; 1/edits_per_step gives them inputs of the size they learned on (the nets are not linear in
+    # them, unlike pass_scale, which scales their output)
+    gradient_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.factor_tokens not in ("all", "subject"):
@@ -63,8 +69,9 @@ class MendConfig:
         for name in ("preserve_lambda", "preserve_keep", "refine_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
-        if not self.pass_scale > 0:
-            raise ValueError(f"pass_scale must be > 0, not {self.pass_scale!r}")
+        for name in ("pass_scale", "gradient_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if self.edit_prefixes and self.preserve_lambda > 0 and self.preserve_keys != "last":
             raise ValueError("edit_prefixes with a re-solve needs preserve_keys 'last' (one key per batch row)")
 

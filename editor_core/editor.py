@@ -158,9 +158,14 @@ class MendEditor:
         gradient by their number below what the nets were trained on), and each key of the re-solve
         asks for what its own request's proposal does there.
         """
+        per_request = per_request_target_nll(request_of_row)
+        scale = self.config.gradient_scale
+
+        def loss_fn(logits: torch.Tensor, b: TokenBatch) -> torch.Tensor:
+            return per_request(logits, b) * scale if scale != 1 else per_request(logits, b)
+
         with added_updates(model, _joined(so_far)):
-            # output layer at target positions only
-            factors = capture_factors(model, self.targets, batch, loss_fn=per_request_target_nll(request_of_row))
+            factors = capture_factors(model, self.targets, batch, loss_fn=loss_fn)  # output layer at targets only
         keys = {}
         with torch.no_grad():
             updates = self.updates_from_factors(factors)
@@ -231,6 +236,8 @@ class MendEditor:
             meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
         if self.config.pass_scale != 1:
             meta["pass_scale"] = f"{self.config.pass_scale:g}"
+        if self.config.gradient_scale != 1:
+            meta["gradient_scale"] = f"{self.config.gradient_scale:g}"
         if self.config.edit_prefixes:
             meta["edit_prefixes"] = str(len(self.config.edit_prefixes))
         return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from editor_core.config import INFERENCE_FIELDS
+
 log = logging.getLogger("mend_variant")
 
 SHOWN = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "success", "paraphrase_success", "neighbour_kept")
-TUNABLE = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes", "refine_seconds",
-           "pass_scale", "edit_prefixes")
+TUNABLE = INFERENCE_FIELDS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,6 +140,25 @@ def test_pass_scale_writes_each_pass_smaller(tiny_llama, tiny_tokenizer, facts):
     assert half.meta["pass_scale"] == "0.5" and "pass_scale" not in full.meta
 
 
+def test_gradient_scale_scales_what_the_nets_read(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    req = [EditRequest(facts[1]["prompt"], facts[1]["target_new"])]
+    seen = {}
+    for scale in (1.0, 0.25):
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-3, gradient_scale=scale))
+        transform = editor.nets.transform
+
+        def spy(name, x, delta, transform=transform, scale=scale):
+            seen.setdefault(scale, {})[name] = delta.clone()
+            return transform(name, x, delta)
+
+        editor.nets.transform = spy
+        delta = editor.compute_delta(tiny_llama, tiny_tokenizer, req)
+        assert (delta.meta.get("gradient_scale") == "0.25") == (scale == 0.25)
+    for name, d in seen[1.0].items():
+        torch.testing.assert_close(seen[0.25][name], 0.25 * d)
+
+
 def test_statistics_re_solve_the_covered_targets_only(tiny_llama, tiny_tokenizer, facts):
     from editor_core.stats import collect_key_stats
     from editor_core.targets import out_proj_targets
