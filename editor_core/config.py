@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
-                    "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale")
+                    "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes")
 
 
 @dataclass
@@ -58,6 +58,10 @@ class MendConfig:
     # alone; 1/edits_per_step gives them inputs of the size they learned on (the nets are not linear in
     # them, unlike pass_scale, which scales their output)
     gradient_scale: float = 1.0
+    # the re-solve's key of each request (preserve_keys "last") is its subject's last-token key averaged
+    # over the bare prompt and the prompt behind each of these prefixes, as MEMIT reads its keys, instead
+    # of the bare prompt's alone (requests without a subject in their prompt keep the bare key)
+    key_prefixes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.factor_tokens not in ("all", "subject"):
@@ -74,6 +78,8 @@ class MendConfig:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if self.edit_prefixes and self.preserve_lambda > 0 and self.preserve_keys != "last":
             raise ValueError("edit_prefixes with a re-solve needs preserve_keys 'last' (one key per batch row)")
+        if self.key_prefixes and (self.preserve_keys != "last" or self.edit_prefixes):
+            raise ValueError("key_prefixes needs preserve_keys 'last' and no edit_prefixes (one key per request)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from editor_core.fingerprint import model_fingerprint, weights_fingerprint
 from editor_core.functional_edit import added_updates
 from editor_core.grads import TokenFactors, capture_factors
 from editor_core.logits import logits_at
+from editor_core.methods.values import subject_keys
 from editor_core.models import device_of
 from editor_core.nets import MendNets
 from editor_core.preserved_solve import KeptInverse, preserved_inverse, preserved_update
@@ -148,7 +150,8 @@ class MendEditor:
         return [t.name for t in covered]
 
     def _pass(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]],
-              inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor
+              inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor,
+              mean_keys: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
               ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]]:
         """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, and the
         keys the re-solved ones were solved at (target name -> (n, d_in)).
@@ -156,7 +159,8 @@ class MendEditor:
         ``request_of_row`` (B,): the request of each batch row. Each request's gradient is the one it
         would have alone (a batch of facts is not a batch-mean loss, which would shrink every fact's
         gradient by their number below what the nets were trained on), and each key of the re-solve
-        asks for what its own request's proposal does there.
+        asks for what its own request's proposal does there. ``mean_keys`` (``key_prefixes``), run on
+        the model as ``so_far`` leaves it, gives the keys to re-solve at instead of the bare prompts'.
         """
         per_request = per_request_target_nll(request_of_row)
         scale = self.config.gradient_scale
@@ -168,12 +172,18 @@ class MendEditor:
             factors = capture_factors(model, self.targets, batch, loss_fn=loss_fn)  # output layer at targets only
         keys = {}
         with torch.no_grad():
+            if mean_keys is not None:
+                with added_updates(model, _joined(so_far)):
+                    index, averaged = mean_keys()  # (m,) requests with a subject, their (m, d_in) keys
             updates = self.updates_from_factors(factors)
             rows = last_of_each_row(factors.row) if self.config.preserve_keys == "last" else slice(None)
             factor_owner = request_of_row[factors.row]  # (N,)
             owners = (factor_owner[rows], factor_owner)
             for name, inverse in inverses.items():
                 keys[name] = factors.x[name][rows]  # (n, d_in)
+                if mean_keys is not None:
+                    keys[name] = keys[name].clone()
+                    keys[name][index] = averaged[name].to(keys[name].dtype)
                 updates[name] = preserved_update(updates[name], keys[name], inverse, owners)
         scale = self.config.pass_scale
         return {n: LowRankUpdate((scale * u.u if scale != 1 else u.u).detach(), u.v.detach())
@@ -185,6 +195,24 @@ class MendEditor:
             return []
         found = [(i, self.stack.delta_of(i).keys.get(name)) for i in self.stack.active_ids]
         return [(i, k) for i, k in found if k is not None]
+
+    def _mean_keys(self, model: nn.Module, tokenizer, requests: list[EditRequest]
+                   ) -> Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """A reader of each request's key at every re-solved target, averaged over the bare prompt and the
+        prompt behind each of ``config.key_prefixes`` (a request without its subject in the prompt: the
+        bare prompt's last factor token, as without prefixes)."""
+        prefixes = ("", *self.config.key_prefixes)
+        targets = [t for t in self.targets if t.name in self.preserved]
+        with_subject = [i for i, r in enumerate(requests) if r.subject and r.subject in r.prompt]
+        index = torch.tensor(with_subject, dtype=torch.long, device=device_of(model))  # (m,)
+
+        def read() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            # (m * P, d_in) per target, fact-major; averaged over the P wordings: (m, d_in)
+            found = subject_keys(model, tokenizer, [(requests[i].prompt, requests[i].subject) for i in with_subject],
+                                 targets, prefixes)
+            return index, {name: k.view(len(with_subject), len(prefixes), -1).mean(1) for name, k in found.items()}
+
+        return read
 
     @torch.no_grad()
     def _took(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]]) -> bool:
@@ -219,8 +247,9 @@ class MendEditor:
                     for name, kept in self.preserved.items()}
         passes, journaled = 0, {}
         request_of_row = torch.arange(len(rows), device=device) // len(wordings)  # (B,) rows are request-major
+        mean_keys = self._mean_keys(model, tokenizer, requests) if self.config.key_prefixes and self.preserved else None
         while True:
-            updates, keys = self._pass(model, batch, so_far, inverses, request_of_row)
+            updates, keys = self._pass(model, batch, so_far, inverses, request_of_row, mean_keys)
             for name, upd in updates.items():
                 so_far[name].append(upd)
             # the first pass's keys, where the facts were before this edit; the bare prompts' only

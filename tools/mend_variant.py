@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 if text not in ("all", "out_proj"):
                     raise ValueError("edit_targets is 'all' (every trained target) or 'out_proj' (the down_proj)")
                 changes[field] = text
-            elif field == "edit_prefixes":  # "|"-separated, e.g. "The following is true. |I read that "
+            elif field in ("edit_prefixes", "key_prefixes"):  # "|"-separated, e.g. "The following is true. |I read that "
                 changes[field] = [x for x in text.split("|") if x]
             else:
                 changes[field] = {"refine_passes": int, "preserve_keys": str}.get(field, float)(text)

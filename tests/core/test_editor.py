@@ -308,3 +308,28 @@ def test_a_batch_re_solve_asks_each_key_for_its_own_fact_s_change(tiny_llama, ti
     x = torch.linalg.solve(torch.eye(2) + keys @ a, a.t())  # (2, d_in)
     want = wanted.t() @ x  # (d_out, d_in)
     assert (both.dense() - want).norm() < 1e-4 * want.norm()
+
+
+def test_key_prefixes_re_solve_at_the_subject_key_averaged_over_wordings(tiny_llama, tiny_tokenizer, facts):
+    from editor_core.methods.values import subject_keys
+    from editor_core.stats import collect_key_stats
+
+    with pytest.raises(ValueError, match="key_prefixes needs"):
+        MendConfig(preserve_lambda=1.0, preserve_keys="all", key_prefixes=["I read that "])
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
+    base = dict(rank=8, init_lr=1e-2, factor_tokens="subject", preserve_lambda=1.0, preserve_keys="last")
+    bare = MendEditor.untrained(stack, MendConfig(**base))
+    (covered,) = bare.use_statistics(stats, tiny_llama)
+    mean = MendEditor.untrained(stack, MendConfig(**base, key_prefixes=["I read that "]))
+    mean.use_statistics(stats, tiny_llama)
+    f = facts[0]
+    reqs = [EditRequest(f["prompt"], f["target_new"], subject=f["subject"]),
+            EditRequest(facts[1]["prompt"], facts[1]["target_new"])]  # no subject: keeps the bare key
+    a, b = bare.compute_delta(tiny_llama, tiny_tokenizer, reqs), mean.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+    both = subject_keys(tiny_llama, tiny_tokenizer, [(f["prompt"], f["subject"])], [stack.targets[covered]],
+                        ("", "I read that "))[covered]  # (2, d_in): bare, behind the prefix
+    torch.testing.assert_close(a.keys[covered][0], both[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b.keys[covered][0], both.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b.keys[covered][1], a.keys[covered][1])
+    assert not torch.allclose(a.updates[covered].dense(), b.updates[covered].dense())
