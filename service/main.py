@@ -108,6 +108,12 @@ def _json_safe(value):
     return value
 
 
+def _is_json_type(content_type: str) -> bool:
+    """application/json or any +json type, parameters ignored."""
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def _error_response(status: int, code: str, message: str, **extra) -> JSONResponse:
     return JSONResponse({"detail": message, "code": code, **extra}, status_code=status)
 
@@ -149,6 +155,14 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
+        # a JSON body sent without a JSON content type (curl -d's default is a form) reaches the model as
+        # a string: say what to send instead of "Input should be a valid dictionary"
+        ctype = request.headers.get("content-type", "")
+        if not _is_json_type(ctype) and any(tuple(e.get("loc", ())) == ("body",) for e in err.errors()):
+            return _error_response(415, "unsupported_media_type",
+                                   f"the body must be JSON sent with 'Content-Type: application/json' (got "
+                                   f"{ctype or 'none'!r}; with curl: -H 'content-type: application/json'); "
+                                   "nothing was applied")
         # FastAPI's own handler echoes the input, and a NaN or a lone surrogate in it cannot be rendered
         return JSONResponse({"detail": _json_safe(jsonable_encoder(err.errors()))}, status_code=422)
 

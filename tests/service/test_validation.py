@@ -79,6 +79,21 @@ def test_malformed_json(client):
     assert _state(client) == before
 
 
+def test_json_sent_as_a_form_is_415_saying_what_to_send(client):
+    # what `curl -d '{...}'` sends without -H 'content-type: application/json'
+    before = _state(client)
+    body = json.dumps({"requests": [OK_REQ], "method": "ft"})
+    r = client.post("/edit", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
+    assert "application/json" in r.json()["detail"] and "x-www-form-urlencoded" in r.json()["detail"]
+    assert _state(client) == before
+    r = client.post("/query", content=json.dumps({"prompts": ["hi"]}), headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    ok = client.post("/query", content=json.dumps({"prompts": ["hi"], "max_new_tokens": 1}),
+                     headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_oversize_body_is_413(client):
     before = _state(client)
     body = json.dumps({"requests": [{"prompt": "p" * 5000, "target": "t"}], "method": "ft"})
