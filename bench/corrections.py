@@ -12,8 +12,9 @@ model and method unless told otherwise, embedded redis-server, canary guard as s
 4. every accepted fact's prompt, first rephrase and first neighbour are asked (success, paraphrase
    success, neighbour kept = the neighbour answers as before any edit);
 5. 20 random accepted edits are rolled back one by one (timed over HTTP); then every accepted prompt is
-   asked again: a rolled-back fact is restored when its target is no longer the greedy answer (and
-   we count those that answer exactly as before their edit); the others must still hold;
+   asked again: a rolled-back fact is restored when its target is no longer the greedy answer, or
+   when the model already gave that target before the edit (a record whose new target the model
+   already said); we count those that answer exactly as before their edit; the others must still hold;
 6. SIGTERM, restart on the same data dir: ready time, the targets' sha256 and version of
    ``/health/ready`` and the answers of every accepted prompt must equal those before the restart.
 
@@ -160,6 +161,12 @@ def ask(http: httpx.Client, prompts: list[str], tokens: int) -> list[str]:
 def holds(completion: str, target: str) -> bool:
     """The greedy answer starts with the target (what /edit's ``success`` promises, and no more)."""
     return completion.lstrip().startswith(target)
+
+
+def restored(after: str, before_edit: str, target: str) -> bool:
+    """A rolled-back fact is back: its target is no longer the greedy answer, unless the model already
+    answered with that target before the edit (then nothing tells the edit's answer from the old one)."""
+    return not holds(after, target) or holds(before_edit, target)
 
 
 def refusal_reason(status: int, body: dict) -> str:
@@ -475,7 +482,8 @@ def measure(cfg: RunConfig) -> dict[str, Any]:
         after = ask(http, [f.prompt for f in acc_facts], cfg.answer_tokens)
         gone = set(chosen)
         res["rolled_back"] = len(chosen)
-        res["restored"] = sum(not holds(after[j], acc_facts[j].target_new) for j in chosen)
+        res["restored"] = sum(restored(after[j], accepted[j]["before"], acc_facts[j].target_new) for j in chosen)
+        res["restored_target_before"] = sum(holds(accepted[j]["before"], acc_facts[j].target_new) for j in chosen)
         res["restored_as_before_edit"] = sum(after[j] == accepted[j]["before"] for j in chosen)
         res["restored_as_base"] = sum(after[j] == base_prompt[accepted[j]["i"]] for j in chosen)
         others = [j for j in range(k) if j not in gone and held[j]]
@@ -593,10 +601,12 @@ def to_figure(res: dict[str, Any], fp32_bytes: int | None, full_n: int = DEFAULT
         fig.rows.append({"measure": f"rollback over HTTP ({len(rb)} random of {k} active)",
                          "p50_ms": round(pct(rb, 50) * 1000, 1), "p95_ms": round(pct(rb, 95) * 1000, 1)})
     fig.rows += [
-        {"measure": "rolled-back facts restored (target no longer the answer)", "value": res["restored"],
+        {"measure": "rolled-back facts restored (target no longer the answer, or already it before the edit)",
+         "value": res["restored"],
          "share": round(res["restored"] / max(1, res["rolled_back"]), 4),
          "detail": f"{res['restored_as_before_edit']} answer exactly as just before their edit, "
-                   f"{res['restored_as_base']} as before any edit"},
+                   f"{res['restored_as_base']} as before any edit, "
+                   f"{res.get('restored_target_before', 0)} gave the target before their edit"},
         {"measure": "other facts still held after the rollbacks", "value": res["others_still_hold"],
          "share": round(res["others_still_hold"] / max(1, res["others_held_before"]), 4),
          "detail": f"of {res['others_held_before']} that held before them"},

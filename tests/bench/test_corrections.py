@@ -91,3 +91,12 @@ def test_an_edit_journaled_but_never_answered_is_recovered_from_the_journal():
     assert rows[-1]["i"] == 2 and rows[-1]["edit_id"] == "e1" and rows[-1]["recovered"]
     assert rows[-1]["success"] is False and rows[-1]["version"] == 2
     assert recover_rows(rows, records, facts) == 0  # idempotent
+
+
+def test_a_rolled_back_fact_is_restored_unless_its_target_stays_where_it_was_not_before():
+    from bench.corrections import restored
+
+    assert restored(" Paris, France", " Paris, the", "Rome")  # the old answer is back
+    assert not restored(" Rome, Italy", " Paris, the", "Rome")  # the edit's answer outlived the rollback
+    # the model already said the target before the edit: its answer now cannot tell, so it counts as back
+    assert restored(" Europe, while the Island", " Europe, while the Peak", "Europe")
