@@ -166,7 +166,7 @@ class MendEditor:
         scale = self.config.gradient_scale
 
         def loss_fn(logits: torch.Tensor, b: TokenBatch) -> torch.Tensor:
-            return per_request(logits, b) * scale if scale != 1 else per_request(logits, b)
+            return per_request(logits, b) * scale  # times 1.0 is exact: the default changes nothing
 
         with added_updates(model, _joined(so_far)):
             factors = capture_factors(model, self.targets, batch, loss_fn=loss_fn)  # output layer at targets only
@@ -269,6 +269,8 @@ class MendEditor:
             meta["gradient_scale"] = f"{self.config.gradient_scale:g}"
         if self.config.edit_prefixes:
             meta["edit_prefixes"] = str(len(self.config.edit_prefixes))
+        if mean_keys is not None:
+            meta["key_prefixes"] = str(len(self.config.key_prefixes))
         return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
 
 

@@ -333,3 +333,4 @@ def test_key_prefixes_re_solve_at_the_subject_key_averaged_over_wordings(tiny_ll
     torch.testing.assert_close(b.keys[covered][0], both.mean(0), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(b.keys[covered][1], a.keys[covered][1])
     assert not torch.allclose(a.updates[covered].dense(), b.updates[covered].dense())
+    assert b.meta["key_prefixes"] == "1" and "key_prefixes" not in a.meta
