@@ -9,6 +9,7 @@ block, and a temporary block list holding only the tail.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -90,3 +91,109 @@ def tail_logits(
             return model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False).logits
         out = model.base_model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False)
         return model.get_output_embeddings()(out.last_hidden_state[select])  # (N, V)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The name the base model's forward takes its KV cache under (``cache`` from transformers 5.x on)."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, q, k) additive attention mask from a bool ``keep`` (B, q, k): 0 where kept, the dtype's min elsewhere."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)[:, None]
+
+
+class SplitTail:
+    """The tail of a batch whose rows change only from a per-row position on: what comes before is cached.
+
+    The value optimisation of locate-then-edit methods adds its ``delta`` at the subject's last token, so
+    the states of every earlier position are the same at every step, at every block of the tail. This
+    runs the tail once over those positions (``cut[b]`` of row ``b``, left-padded), keeps each tail
+    block's keys and values, and then runs only positions ``cut[b]..`` per step, attending to the cache:
+    about half the tokens of a CounterFact row. Rows are re-aligned so that position ``cut[b]`` of row
+    ``b`` is index 0 of the short rows; rotary position ids carry the true positions.
+
+    A model whose attention does not take a prepared 4D mask and a KV cache this way is caught by
+    :meth:`matches`, which callers use to fall back to :func:`tail_logits`.
+    """
+
+    def __init__(self, model: nn.Module, first: int, states: torch.Tensor, attention_mask: torch.Tensor,
+                 cut: torch.Tensor):
+        """``states`` (B, T, d) entering block ``first``, right-padded by ``attention_mask`` (B, T); ``cut`` (B,)."""
+        B, T, d = states.shape
+        device, dtype = states.device, states.dtype
+        self.model, self.first = model, first
+        lengths = attention_mask.sum(-1)  # (B,)
+        self.cut = cut
+        C, T2 = int(cut.max()), int((lengths - cut).max())
+        self.C, self.T2 = C, T2
+        ar_c, ar_t = torch.arange(C, device=device), torch.arange(T2, device=device)
+        # cached part, left-padded: slot j of row b holds position j - (C - cut[b])
+        pre_src = ar_c[None] - (C - cut[:, None])  # (B, C)
+        pre_real = pre_src >= 0  # (B, C)
+        # short rows, right-padded: slot j of row b holds position cut[b] + j
+        self.src = cut[:, None] + ar_t[None]  # (B, T2)
+        self.real = self.src < lengths[:, None]  # (B, T2)
+        self.rows = torch.arange(B, device=device)[:, None]  # (B, 1)
+        # (B, T2) true positions: the position ids of the short rows (pads clamped into the table, never read)
+        self.pos = self.src.clamp(max=T - 1)
+        eye_c = torch.eye(C, dtype=torch.bool, device=device)
+        # a query attends to real keys at or before it; pads attend to themselves only, so no row is empty
+        keep_pre = (pre_real[:, None, :] & (ar_c[None, :, None] >= ar_c[None, None, :])) | eye_c  # (B, C, C)
+        causal_t = ar_t[:, None] >= ar_t[None, :]  # (T2, T2)
+        keep_t = (self.real[:, None, :] & causal_t[None]) | torch.eye(T2, dtype=torch.bool, device=device)
+        keep_tail = torch.cat([pre_real[:, None, :].expand(B, T2, C), keep_t], dim=-1)  # (B, T2, C + T2)
+        self.mask_tail = _additive_mask(keep_tail, dtype)  # (B, 1, T2, C + T2)
+        self.kv: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer index, keys, values) per tail block
+        if C == 0:
+            return
+        pre_states = states[self.rows, pre_src.clamp(min=0)] * pre_real[..., None]  # (B, C, d)
+        pre_pos = pre_src.clamp(min=0)  # (B, C)
+        with torch.no_grad():
+            cache = self._run(pre_states, _additive_mask(keep_pre, dtype), pre_pos, self._fresh_cache())[1]
+        for block in blocks_of(model)[first:]:
+            idx = _layer_index(block)
+            layer = cache.layers[idx]
+            self.kv.append((idx, layer.keys, layer.values))
+
+    def _fresh_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _run(self, states: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache):
+        dummy = torch.zeros_like(states)
+        kwargs = {_cache_kwarg(self.model): cache}
+        with _only_tail(self.model, self.first), block_input_hook(self.model, 0, lambda _h: states):
+            out = self.model.base_model(inputs_embeds=dummy, attention_mask=mask, position_ids=position_ids,
+                                        use_cache=True, **kwargs)
+        return out.last_hidden_state, cache
+
+    def short(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, T2, d) the positions from each row's cut on, of full-length ``states`` (B, T, d)."""
+        return states[self.rows, self.pos] * self.real[..., None]
+
+    def short_select(self, select: torch.Tensor) -> torch.Tensor:
+        """(B, T2) ``select`` (B, T) re-aligned to the short rows; every selected position must be at or after the cut."""
+        before = select & (torch.arange(select.shape[1], device=select.device)[None] < self.cut[:, None])
+        if bool(before.any()):
+            raise ValueError("SplitTail: a selected position lies before its row's cut")
+        return select[self.rows, self.pos] & self.real
+
+    def logits(self, short_states: torch.Tensor, short_select: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits at ``short_select`` (B, T2) from ``short_states`` (B, T2, d); differentiable in the states."""
+        cache = self._fresh_cache()
+        for idx, k, v in self.kv:
+            cache.update(k, v, idx)
+        hidden, _ = self._run(short_states, self.mask_tail, self.pos, cache)
+        return self.model.get_output_embeddings()(hidden[short_select])  # (N, V)
+
+
+def _layer_index(block: nn.Module) -> int:
+    """The cache slot a block's attention writes to (its ``layer_idx``, set by transformers at construction)."""
+    for module in block.modules():
+        idx = getattr(module, "layer_idx", None)
+        if idx is not None:
+            return int(idx)
+    raise ValueError(f"{type(block).__name__} has no attention layer_idx: no KV cache for the split tail")

@@ -25,6 +25,7 @@ once (they do not depend on ``delta`` except at the subject's position, where it
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,8 +36,10 @@ from torch import nn
 from editor_core.batching import IGNORE, pad_id, prompt_ids_and_subject, right_pad, target_ids
 from editor_core.delta import LowRankUpdate
 from editor_core.requests import EditRequest
-from editor_core.tail import prefix_states, tail_logits
+from editor_core.tail import SplitTail, prefix_states, tail_logits
 from editor_core.targets import Target
+
+log = logging.getLogger(__name__)
 
 # Short fixed openings the prompt is also read behind. Fixed (not sampled) so that an edit computed
 # twice on the same weights gives the same bits, which replay and tests rely on.
@@ -199,13 +202,22 @@ class ValueProblem:
         with torch.no_grad():
             pre = tail_logits(model, layer + 1, self.base, mask, select)  # (N, V)
             self.pre_kl = torch.log_softmax(pre[self.sel_is_kl].float(), -1)  # (n_kl, V)
+        self.split = _split_tail(model, layer + 1, self.base, mask, self.pos, select, pre)
+        if self.split is not None:
+            self.short_base = self.split.short(self.base)  # (B, T2, d): from each row's subject on
+            self.short_select = self.split.short_select(select)  # (B, T2)
 
     def evaluate(self, delta: torch.Tensor) -> Evaluation:
         """The objective with ``delta`` (n, d) added at each request's subject; differentiable in delta."""
         cfg, n = self.cfg, self.n
-        states = self.base.clone()
-        states[self.rows_idx, self.pos] = states[self.rows_idx, self.pos] + delta[self.req].to(states.dtype)
-        logits = tail_logits(self.model, self.layer + 1, states, self.mask, self.select).float()  # (N, V)
+        if self.split is not None:  # index 0 of each short row is its subject's last token
+            states = self.short_base.clone()  # (B, T2, d)
+            states[:, 0] = states[:, 0] + delta[self.req].to(states.dtype)
+            logits = self.split.logits(states, self.short_select).float()  # (N, V)
+        else:
+            states = self.base.clone()  # (B, T, d)
+            states[self.rows_idx, self.pos] = states[self.rows_idx, self.pos] + delta[self.req].to(states.dtype)
+            logits = tail_logits(self.model, self.layer + 1, states, self.mask, self.select).float()  # (N, V)
         logp = torch.log_softmax(logits, -1)
         tgt = self.tgt
         tok_nll = -logp[tgt].gather(-1, self.nxt[tgt].unsqueeze(-1)).squeeze(-1)  # (N_t,)
@@ -231,6 +243,37 @@ class ValueProblem:
         with frozen(self.model):
             (grad,) = torch.autograd.grad(self.evaluate(delta).loss, [delta])
         return grad
+
+
+def _split_tail(model: nn.Module, first: int, base: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                select: torch.Tensor, pre: torch.Tensor) -> SplitTail | None:
+    """The tail cut at each row's subject, if it gives the full tail's logits ``pre`` at ``delta = 0``.
+
+    Checked once per edit (one short forward): a model whose attention does not take the cut (a family
+    with another mask or cache scheme) falls back to running every position, which is slower, not wrong.
+    """
+    try:
+        split = SplitTail(model, first, base, mask, pos)
+        with torch.no_grad():
+            got = split.logits(split.short(base), split.short_select(select))  # (N, V)
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        _warn_once(model, f"value search runs every position: the cut tail failed ({type(e).__name__}: {e})")
+        return None
+    tol = (1e-3 if pre.dtype == torch.float32 else 3e-2) * (1 + float(pre.abs().max()))
+    err = float((got.float() - pre.float()).abs().max()) if got.shape == pre.shape else float("inf")
+    if err > tol:
+        _warn_once(model, f"value search runs every position: the cut tail's logits differ by {err:.3g} (> {tol:.3g})")
+        return None
+    return split
+
+
+_WARNED: set[int] = set()
+
+
+def _warn_once(model: nn.Module, message: str) -> None:
+    if id(model) not in _WARNED:
+        _WARNED.add(id(model))
+        log.warning("%s", message)
 
 
 @contextmanager

@@ -44,3 +44,39 @@ def test_unknown_optimizer_is_refused_when_the_config_is_made_or_loaded():
         value_config(optimizer="sgd")
     with pytest.raises(ValueError, match="optimizer"):
         LocateConfig.from_dict({"value": {"optimizer": "sgd"}})
+
+
+def test_the_cut_tail_gives_the_same_objective_and_gradient(tiny_model, tiny_tokenizer, facts):
+    """The value search runs only the positions from each subject on; the objective and its gradient are
+    those of running every position."""
+    from editor_core.methods.values import ValueProblem, frozen
+
+    problem = ValueProblem(tiny_model, tiny_tokenizer, requests(facts, 3), LAYER, value_config())
+    assert problem.split is not None
+    delta = torch.randn(problem.h.shape, generator=torch.Generator().manual_seed(0)) * problem.h_norm
+    out = []
+    for split in (problem.split, None):
+        problem.split = split
+        d = delta.clone().requires_grad_(True)
+        with frozen(tiny_model):
+            ev = problem.evaluate(d)
+            (grad,) = torch.autograd.grad(ev.loss, [d])
+        out.append((ev.loss.detach(), ev.nll.detach(), ev.hit, grad))
+    (loss_s, nll_s, hit_s, g_s), (loss_f, nll_f, hit_f, g_f) = out
+    torch.testing.assert_close(loss_s, loss_f, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(nll_s, nll_f, atol=1e-5, rtol=1e-5)
+    assert torch.equal(hit_s, hit_f)
+    torch.testing.assert_close(g_s, g_f, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_without_a_cacheable_attention_runs_every_position(tiny_tokenizer, facts, tmp_path, caplog):
+    """GPT-Neo's blocks carry no cache index: the cut is not taken, the search still runs, and says why."""
+    from editor_core.methods.values import ValueProblem
+    from tests.tiny_families import save_tiny_model
+
+    model = save_tiny_model("gpt_neo", tiny_tokenizer, tmp_path / "neo")
+    with caplog.at_level("WARNING"):
+        problem = ValueProblem(model, tiny_tokenizer, requests(facts, 2), LAYER, value_config())
+    assert problem.split is None
+    assert "runs every position" in caplog.text
+    assert optimise_values(model, tiny_tokenizer, requests(facts, 2), LAYER, value_config(steps=3)).steps == 3
