@@ -159,6 +159,7 @@ class EvalReport:
     post: dict[str, float | None]  # {} when no editor
     edit_ms: dict[str, float]  # median, p95, mean, n (edit calls); {} when no editor
     rows: list[dict] = field(default_factory=list)  # {"case_id", "pre": {..}, "post": {..}, "edit": meta}
+    times_ms: list[float] = field(default_factory=list)  # each edit call's time, in order (edit_ms summarises it)
     meta: dict = field(default_factory=dict)  # model, data, editor... filled by the caller
 
     def to_dict(self) -> dict:
@@ -257,6 +258,7 @@ def evaluate(
     bar.close()
     report.post = mean_metrics([row["post"] for row in rows])
     report.edit_ms = timing_summary(times)
+    report.times_ms = [round(t, 3) for t in times]
     log.info("evaluated %d records with %s: %s", len(records), editor.method, report.post)
     return report
 

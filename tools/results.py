@@ -7,7 +7,10 @@ A full run takes many hours on 2 CPU cores, so it is split into named stages, ea
 under ``runs/results/`` once finished (a stacked run also caches every delta it computed, so a cut-off
 run resumes where it stopped). Every invocation runs the stages it is asked for that are not cached
 yet, then rewrites the markdown from every cached stage; stages not run are listed as such. Two
-processes with one torch thread each can run different stages side by side.
+processes with one torch thread each can run different stages side by side. A single-edit stage runs
+and caches ``--part-size`` records at a time (``runs/results/<stage>.parts/``): cut off, it resumes at
+its first unfinished part, two processes given the same stage share its parts, and the report shows
+the records done so far.
 
 A stacked stage of ROME, MEMIT or AlphaEdit edits a stack of the method's own layers, as
 ``tools.stacked_variant`` does, and its delta cache records the editor's settings: the cache of a variant
@@ -25,6 +28,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,9 +130,11 @@ def run_stage(stage: Stage, args) -> dict:
         # the unedited model on the same records (an unedited neighbour keeps its own answer)
         out = {"pre": {**points[-1]["pre"], "neighbour_kept": 1.0}, "post": points[-1]["post"],
                "edit_ms": points[-1]["edit_ms"], "points": points, "canary": points[-1].get("canary")}
+    elif stage.kind == "single":
+        out = single_in_parts(stage, records, args.part_size, lambda recs: evaluate(
+            model, tok, stack, editor, recs, progress=not args.no_progress, canaries=canaries))
     else:
-        batch = stage.n if stage.kind == "batch" else 1
-        rep = evaluate(model, tok, stack, editor, records, batch_size=batch, progress=not args.no_progress,
+        rep = evaluate(model, tok, stack, editor, records, batch_size=stage.n, progress=not args.no_progress,
                        canaries=canaries)
         out = {"pre": rep.pre, "post": rep.post, "edit_ms": rep.edit_ms}
     if stage.method in LOCATE:
@@ -137,6 +143,117 @@ def run_stage(stage: Stage, args) -> dict:
     out.update({"stage": stage.__dict__, "records": len(records), "seconds": round(time.time() - started),
                 "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
                 "load_average": round(os.getloadavg()[0], 1)})
+    if "part_seconds" in out:  # parts may have run in several sittings: their own times add up to the stage's
+        out["seconds"] = out.pop("part_seconds")
+    return out
+
+
+# ---- single-edit stages in parts -------------------------------------------------------------------
+def parts_dir(stage: Stage) -> Path:
+    return CACHE / f"{stage.name}.parts"
+
+
+def single_in_parts(stage: Stage, records: list, size: int, run: Callable[[list], object],
+                    wait_s: float = 20.0) -> dict:
+    """A single-edit stage evaluated ``size`` records at a time, each part cached once done.
+
+    Single edits are reverted before the next, so a part's rows do not depend on the others: a stage cut
+    off resumes at its first unfinished part, and a second process given the same stage takes the parts
+    no live process has claimed (``<part>.claim`` holds the claimant's pid), then waits for the rest.
+    ``run(records)`` returns an :class:`~editor_core.evaluate.EvalReport`. The merged figures are the
+    means over every record's row, as one ``evaluate`` call over all of them gives.
+    """
+    d = parts_dir(stage)
+    d.mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, len(records), size))
+    while True:
+        took = False
+        for start in starts:
+            path = d / f"{start:05d}.json"
+            if path.is_file():
+                continue
+            claim = _claim(path)
+            if claim is None:
+                continue
+            took = True
+            try:
+                chunk = records[start:start + size]
+                t0 = time.time()
+                rep = run(chunk)
+                log.info("stage %s: records %d-%d done", stage.name, start, start + len(chunk) - 1)
+                path.write_text(json.dumps({"case_ids": [r.case_id for r in chunk], "rows": rep.rows,
+                                            "times_ms": rep.times_ms, "seconds": round(time.time() - t0),
+                                            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
+            finally:
+                claim.unlink(missing_ok=True)
+        missing = [s for s in starts if not (d / f"{s:05d}.json").is_file()]
+        if not missing:
+            break
+        if not took:  # every missing part is another live process's: wait for it
+            log.info("stage %s: waiting for parts %s held by another process", stage.name, missing)
+            time.sleep(wait_s)
+    parts = []
+    for start in starts:
+        part = json.loads((d / f"{start:05d}.json").read_text())
+        want = [r.case_id for r in records[start:start + size]]
+        if part["case_ids"] != want:
+            raise ValueError(f"{d / f'{start:05d}.json'} holds other records than this stage's {start}-"
+                             f"{start + size - 1} (another part size or data file?): delete {d} to run it again")
+        parts.append(part)
+    return merge_parts(parts)
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """A stage's figures from its parts: means over all their rows, timing over all their edit calls."""
+    from editor_core.evaluate import mean_metrics, timing_summary
+
+    rows = [row for part in parts for row in part["rows"]]
+    times = [t for part in parts for t in part["times_ms"]]
+    return {"pre": mean_metrics([r["pre"] for r in rows]), "post": mean_metrics([r["post"] for r in rows if "post" in r]),
+            "edit_ms": timing_summary(times) if times else {}, "records": len(rows), "parts": len(parts),
+            "part_seconds": sum(part["seconds"] for part in parts)}
+
+
+def _claim(path: Path) -> Path | None:
+    """Claim the part ``path`` for this process (None: a live process holds it). A dead claimant's claim is taken over."""
+    claim = path.with_suffix(".claim")
+    mine = path.with_suffix(f".{os.getpid()}.tmp")
+    mine.write_text(str(os.getpid()))
+    try:
+        os.link(mine, claim)  # atomic: fails if the claim exists
+        return claim
+    except FileExistsError:
+        try:
+            holder = int(claim.read_text())
+        except (OSError, ValueError):
+            return None  # being written or removed right now: leave it to the next pass
+        if _alive(holder):
+            return None
+        claim.unlink(missing_ok=True)  # its process is gone
+        return _claim(path)
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _partial_singles(all_stages: list[Stage]) -> dict[str, dict]:
+    """Single-edit stages not finished but with parts done: their figures so far."""
+    out = {}
+    for s in all_stages:
+        if s.kind != "single" or (CACHE / f"{s.name}.json").is_file():
+            continue
+        parts = [json.loads(p.read_text()) for p in sorted(parts_dir(s).glob("[0-9]*.json"))]
+        if parts:
+            out[s.name] = merge_parts(parts)
     return out
 
 
@@ -203,6 +320,7 @@ def render(args, all_stages: list[Stage]) -> None:
             for s in all_stages if (CACHE / f"{s.name}.json").is_file()}
     partial = {s.name: json.loads((CACHE / f"{s.name}.points.json").read_text()) for s in all_stages
                if s.kind == "stacked" and s.name not in done and (CACHE / f"{s.name}.points.json").is_file()}
+    singles = _partial_singles(all_stages)
     head = "| method | records | " + " | ".join(COLUMNS) + " | edit s p50 / p95 |"
     sep = "|" + "---|" * (len(COLUMNS) + 3)
 
@@ -217,7 +335,7 @@ def render(args, all_stages: list[Stage]) -> None:
              "reports), `neighbour_kept` = a neighbourhood prompt's greedy answer is unchanged. edit s = "
              "seconds to compute and apply one edit call on this shared machine (other jobs ran beside it: "
              "times are pessimistic).", ""]
-    if done:
+    if done or singles:
         lines += ["Stages in this report:", ""]
         lines += [f"- `{name}`: {d['records']} records, {d['seconds']} s, finished {d['finished']}, "
                   f"{d['threads']} torch thread(s), load average {d['load_average']}"
@@ -227,6 +345,8 @@ def render(args, all_stages: list[Stage]) -> None:
                   for name, d in done.items()]
         lines += [f"- `{name}`: cut short after {points[-1]['n']} edits (its checkpoints are shown)"
                   for name, points in partial.items() if points]
+        lines += [f"- `{name}`: {d['records']} records so far in {d['parts']} part(s), {d['part_seconds']} s; "
+                  "the same command resumes it" for name, d in singles.items()]
         lines.append("")
     for title, kind, data in (("Single edits (one fact at a time, reverted before the next)", "single",
                                "counterfact"),
@@ -254,6 +374,10 @@ def render(args, all_stages: list[Stage]) -> None:
             if s.name in done:
                 d = done[s.name]
                 lines.append(row(s.method, d["records"], d["post"], d["edit_ms"]))
+            elif s.name in singles:
+                d = singles[s.name]
+                lines.append(row(f"{s.method} ({d['records']} of {s.n} records so far)", d["records"], d["post"],
+                                 d["edit_ms"]))
             else:
                 lines.append(f"| {s.method} | not run | " + " | ".join("-" for _ in COLUMNS) + " | - |")
         lines.append("")
@@ -291,7 +415,8 @@ def render(args, all_stages: list[Stage]) -> None:
                   "after this change draw the unedited curve (dotted) beside each method."]
     lines.append("")
     out = Path(args.out)
-    (out / "results.json").write_text(json.dumps({"stages": done, "partial": partial}, indent=1))
+    (out / "results.json").write_text(json.dumps({"stages": done, "partial": partial, "partial_single": singles},
+                                                 indent=1))
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s (%d stages finished)", out / "RESULTS.md", len(done))
 
@@ -379,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stacked", type=int, default=100)
     p.add_argument("--stacked-long", type=int, default=1000)
     p.add_argument("--zsre", type=int, default=100)
+    p.add_argument("--part-size", type=int, default=100,
+                   help="single-edit stages run and are cached this many records at a time (resumable)")
     p.add_argument("--latency", type=int, default=20, help="records per method in the latency stage")
     p.add_argument("--ft-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

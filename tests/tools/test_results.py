@@ -92,3 +92,84 @@ def test_a_stage_that_rescored_cached_deltas_says_so():
     assert _cached_note({"records": 10}) == ""
     assert "7 of its 10 deltas read from an earlier run's cache" in _cached_note(
         {"records": 10, "points": [{"n": 3, "from_cache": 3}, {"n": 10, "from_cache": 7}]})
+
+
+def _rome_setup(tiny_model, tiny_tokenizer, facts, n: int):
+    stats = collect_key_stats(tiny_model, tiny_tokenizer, texts(facts), LAYERS, progress=False)
+    stack = EditStack(tiny_model, out_proj_targets(tiny_model, LAYERS))
+    editor = LocateEditor("rome", stack, stats, config(next(iter(stack.targets.values())).d_in))
+    records = [EditRecord(str(i), f"About {f['subject']}", f["subject"], TARGETS[i % len(TARGETS)], None)
+               for i, f in enumerate(facts[:n])]
+    return stack, editor, records
+
+
+def test_a_single_stage_in_parts_resumes_and_equals_one_evaluation(tiny_llama, tiny_tokenizer, facts, tmp_path,
+                                                                    monkeypatch):
+    """A single-edit stage cut off after its first part runs only the rest when started again, and its
+    merged figures are those of one evaluation over every record."""
+    from editor_core.evaluate import evaluate
+    from tools import results
+
+    monkeypatch.setattr(results, "CACHE", tmp_path)
+    stack, editor, records = _rome_setup(tiny_llama, tiny_tokenizer, facts, 5)
+    stage = results.Stage("single-rome", "rome", "single", "counterfact", len(records))
+    calls: list[list[str]] = []
+
+    def run(recs, fail_after=None):
+        if fail_after is not None and len(calls) == fail_after:
+            raise KeyboardInterrupt  # the stage is cut off here
+        calls.append([r.case_id for r in recs])
+        return evaluate(tiny_llama, tiny_tokenizer, stack, editor, recs, progress=False)
+
+    import pytest
+
+    with pytest.raises(KeyboardInterrupt):
+        results.single_in_parts(stage, records, 2, lambda recs: run(recs, fail_after=1))
+    assert calls == [["0", "1"]]
+    assert not list(results.parts_dir(stage).glob("*.claim"))  # the cut-off part's claim is released
+    partial = results._partial_singles([stage])[stage.name]
+    assert partial["records"] == 2
+
+    merged = results.single_in_parts(stage, records, 2, run)
+    assert calls == [["0", "1"], ["2", "3"], ["4"]]  # only the parts not done
+    whole = evaluate(tiny_llama, tiny_tokenizer, stack, editor, records, progress=False)
+    assert merged["records"] == 5 and merged["parts"] == 3
+    for key, value in whole.post.items():
+        assert merged["post"][key] == pytest.approx(value, abs=1e-6), key
+    assert merged["pre"] == pytest.approx(whole.pre)
+    assert merged["edit_ms"]["n"] == 5
+
+
+def test_parts_made_on_other_records_are_refused(tiny_llama, tiny_tokenizer, facts, tmp_path, monkeypatch):
+    import pytest
+
+    from editor_core.evaluate import evaluate
+    from tools import results
+
+    monkeypatch.setattr(results, "CACHE", tmp_path)
+    stack, editor, records = _rome_setup(tiny_llama, tiny_tokenizer, facts, 3)
+    stage = results.Stage("single-rome", "rome", "single", "counterfact", 3)
+    run = lambda recs: evaluate(tiny_llama, tiny_tokenizer, stack, editor, recs, progress=False)  # noqa: E731
+    results.single_in_parts(stage, records, 2, run)
+    with pytest.raises(ValueError, match="other records"):
+        results.single_in_parts(stage, list(reversed(records)), 2, run)
+
+
+def test_a_part_claimed_by_a_live_process_is_left_to_it_and_a_dead_ones_claim_is_taken(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tools.results import _claim
+
+    part = tmp_path / "00000.json"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "00000.claim").write_text(str(other.pid))
+        assert _claim(part) is None  # a live process holds it
+    finally:
+        other.kill()
+        other.wait()
+    claim = _claim(part)  # its holder is gone
+    assert claim is not None and claim.read_text() == str(os.getpid())
+    assert not list(tmp_path.glob("*.tmp"))
