@@ -24,7 +24,6 @@ from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.fingerprint import model_fingerprint, weights_fingerprint
 from editor_core.functional_edit import added_updates
 from editor_core.grads import TokenFactors, capture_factors
-from editor_core.logits import logits_at
 from editor_core.methods.values import subject_keys
 from editor_core.models import device_of
 from editor_core.nets import MendNets
@@ -32,6 +31,7 @@ from editor_core.preserved_solve import KeptInverse, preserved_inverse, preserve
 from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
 from editor_core.stats import KeyStats, StatsError
+from editor_core.tail import prefix_states, tail_logits
 from editor_core.targets import Target, out_proj_targets, resolve_targets
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,14 @@ class MendEditor:
     def _pass(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]],
               inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor,
               mean_keys: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
-              ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]]:
+              run: Callable[[], torch.Tensor] | None = None, stop_if_took: bool = False,
+              ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]] | None:
         """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, and the
         keys the re-solved ones were solved at (target name -> (n, d_in)).
+
+        ``run`` gives the logits at the target positions (the tail from cached prefix states). With
+        ``stop_if_took``, None when the forward shows every target token already greedy under ``so_far``
+        (then no backward runs: the check of the edit so far is this pass's own forward).
 
         ``request_of_row`` (B,): the request of each batch row. Each request's gradient is the one it
         would have alone (a batch of facts is not a batch-mean loss, which would shrink every fact's
@@ -168,8 +173,16 @@ class MendEditor:
         def loss_fn(logits: torch.Tensor, b: TokenBatch) -> torch.Tensor:
             return per_request(logits, b) * scale  # times 1.0 is exact: the default changes nothing
 
-        with added_updates(model, _joined(so_far)):
-            factors = capture_factors(model, self.targets, batch, loss_fn=loss_fn)  # output layer at targets only
+        labels = target_labels(batch)  # (N,)
+
+        def took(logits: torch.Tensor) -> bool:  # (N, V) at the target positions
+            return bool((logits.argmax(-1) == labels).all())
+
+        with added_updates(model, _joined(so_far)):  # output layer at targets only
+            factors = capture_factors(model, self.targets, batch, run=run, loss_fn=loss_fn,
+                                      stop=took if stop_if_took else None)
+        if factors is None:
+            return None
         keys = {}
         with torch.no_grad():
             if mean_keys is not None:
@@ -214,13 +227,6 @@ class MendEditor:
 
         return read
 
-    @torch.no_grad()
-    def _took(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]]) -> bool:
-        """Whether every target token is already the greedy one (teacher-forced) under ``so_far``."""
-        with added_updates(model, _joined(so_far)):
-            logits = logits_at(model, batch.input_ids, batch.attention_mask, target_positions(batch))  # (N, V)
-        return bool((logits.argmax(-1) == target_labels(batch)).all())
-
     def compute_delta(self, model: nn.Module, tokenizer, requests: list[EditRequest]) -> EditDelta:
         """One forward/backward on the edit prompts, then the editor nets; the model is untouched.
 
@@ -248,16 +254,27 @@ class MendEditor:
         passes, journaled = 0, {}
         request_of_row = torch.arange(len(rows), device=device) // len(wordings)  # (B,) rows are request-major
         mean_keys = self._mean_keys(model, tokenizer, requests) if self.config.key_prefixes and self.preserved else None
+        # the edit writes only blocks first.. : what enters block ``first`` is the same in every pass
+        first = min(t.block for t in self.targets)
+        states = prefix_states(model, batch.input_ids, batch.attention_mask, first)  # (B, T, d)
+        select = target_positions(batch)  # (B, T)
+
+        def run() -> torch.Tensor:  # (N, V)
+            return tail_logits(model, first, states, batch.attention_mask, select)
+
         while True:
-            updates, keys = self._pass(model, batch, so_far, inverses, request_of_row, mean_keys)
+            # from the second pass on, its forward is also the check: stop once every target token is greedy
+            found = self._pass(model, batch, so_far, inverses, request_of_row, mean_keys, run=run,
+                               stop_if_took=passes > 0)
+            if found is None:
+                break
+            updates, keys = found
             for name, upd in updates.items():
                 so_far[name].append(upd)
             # the first pass's keys, where the facts were before this edit; the bare prompts' only
             journaled = journaled or {n: k[:: len(wordings)] for n, k in keys.items()}
             passes += 1
             if passes > self.config.refine_passes or time.perf_counter() > deadline:
-                break
-            if self._took(model, batch, so_far):
                 break
         meta = {"method": self.method, "editor": self.editor_id, "n_requests": str(len(requests)),
                 "passes": str(passes)}

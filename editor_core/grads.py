@@ -63,13 +63,16 @@ def capture_factors(
     batch: TokenBatch,
     run: Callable[[], torch.Tensor] | None = None,
     loss_fn: Callable[[torch.Tensor, TokenBatch], torch.Tensor] = selected_target_nll,
-) -> TokenFactors:
+    stop: Callable[[torch.Tensor], bool] | None = None,
+) -> TokenFactors | None:
     """One forward/backward of the edit loss; returns (x, delta) for the factor tokens of ``batch``.
 
     ``run`` returns the logits ``loss_fn`` reads. By default the full model runs on the batch's ids
     and its output layer only at :func:`target_positions` (N, V): the (V x d) head is the largest
     matrix of a small LM and the loss reads nothing else. Pass a tail runner to start from cached
-    prefix states. Model parameters get no ``.grad``.
+    prefix states. Model parameters get no ``.grad``. With ``stop``, the forward's logits are shown to
+    it first and, when it says so, no backward runs and the result is None (a refinement loop's check
+    of the edit so far is this forward).
     """
     if run is None:
         def run() -> torch.Tensor:  # (N, V)
@@ -79,6 +82,8 @@ def capture_factors(
 
     with torch.enable_grad(), recording(model, targets) as seen:
         logits = run()  # (B, T, V)
+        if stop is not None and stop(logits.detach()):
+            return None
         loss = loss_fn(logits, batch)
         outputs = [seen[t.name][1] for t in targets]
         grads = torch.autograd.grad(loss, outputs)

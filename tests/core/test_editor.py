@@ -118,6 +118,28 @@ def test_refinement_passes_until_the_target_is_greedy(tiny_llama, tiny_tokenizer
     assert {u.rank for u in many.updates.values()} == {4 * u.rank for u in one.updates.values()}
 
 
+def test_passes_run_the_unedited_blocks_once_and_check_in_the_next_pass_s_forward(tiny_llama, tiny_tokenizer, facts):
+    """The blocks below the first edited one run once per edit, whatever the passes; a pass's forward is
+    also the check of the edit so far (no separate forward for it)."""
+    from editor_core.targets import blocks_of
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    first = min(t.block for t in stack.targets.values())
+    assert first > 0
+    calls = {"below": 0, "last": 0}
+    blocks = blocks_of(tiny_llama)
+    hooks = [blocks[0].register_forward_hook(lambda *_: calls.__setitem__("below", calls["below"] + 1)),
+             blocks[-1].register_forward_hook(lambda *_: calls.__setitem__("last", calls["last"] + 1))]
+    try:
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=3, refine_seconds=60))
+        delta = editor.compute_delta(tiny_llama, tiny_tokenizer, [EditRequest(facts[0]["prompt"], facts[0]["target_new"])])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert delta.meta["passes"] == "4"  # a tiny step never takes: every allowed pass runs
+    assert calls == {"below": 1, "last": 4}  # was 7 and 7: each pass from the embeddings, and 3 checks
+
+
 def test_more_passes_lower_the_loss_further(tiny_model, tiny_tokenizer, facts):
     stack = EditStack(tiny_model, resolve_targets(tiny_model))
     req = EditRequest(facts[1]["prompt"], facts[1]["target_new"])
