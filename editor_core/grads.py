@@ -81,7 +81,7 @@ def capture_factors(
             return model.get_output_embeddings()(hidden[target_positions(batch)])
 
     with torch.enable_grad(), recording(model, targets) as seen:
-        logits = run()  # (B, T, V)
+        logits = run()  # (N, V) by default; whatever loss_fn reads otherwise
         if stop is not None and stop(logits.detach()):
             return None
         loss = loss_fn(logits, batch)

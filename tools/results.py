@@ -23,10 +23,12 @@ changed; each stage's line in the report says when it ran and with which setting
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,7 +134,7 @@ def run_stage(stage: Stage, args) -> dict:
                "edit_ms": points[-1]["edit_ms"], "points": points, "canary": points[-1].get("canary")}
     elif stage.kind == "single":
         out = single_in_parts(stage, records, args.part_size, lambda recs: evaluate(
-            model, tok, stack, editor, recs, progress=not args.no_progress, canaries=canaries))
+            model, tok, stack, editor, recs, progress=not args.no_progress, canaries=canaries), _settings(editor))
     else:
         rep = evaluate(model, tok, stack, editor, records, batch_size=stage.n, progress=not args.no_progress,
                        canaries=canaries)
@@ -153,54 +155,67 @@ def parts_dir(stage: Stage) -> Path:
     return CACHE / f"{stage.name}.parts"
 
 
-def single_in_parts(stage: Stage, records: list, size: int, run: Callable[[list], object],
+def single_in_parts(stage: Stage, records: list, size: int, run: Callable[[list], object], settings: dict,
                     wait_s: float = 20.0) -> dict:
     """A single-edit stage evaluated ``size`` records at a time, each part cached once done.
 
     Single edits are reverted before the next, so a part's rows do not depend on the others: a stage cut
     off resumes at its first unfinished part, and a second process given the same stage takes the parts
-    no live process has claimed (``<part>.claim`` holds the claimant's pid), then waits for the rest.
-    ``run(records)`` returns an :class:`~editor_core.evaluate.EvalReport`. The merged figures are the
-    means over every record's row, as one ``evaluate`` call over all of them gives.
+    no other process holds (an ``flock`` on ``<part>.lock``, which the kernel drops with its holder),
+    then waits for the rest. ``run(records)`` returns an :class:`~editor_core.evaluate.EvalReport`;
+    ``settings`` (what decides the edits, JSON) is recorded in each part, and parts made on other records
+    or with other settings are refused before anything runs. The merged figures are the means over every
+    record's row, as one ``evaluate`` call over all of them gives.
     """
     d = parts_dir(stage)
     d.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(records), size))
+    settings = json.loads(json.dumps(settings))  # as a part holds it (tuples read back as lists)
+
+    def part_path(start: int) -> Path:
+        return d / f"{start:05d}.json"
+
+    def check(start: int) -> dict:
+        part = json.loads(part_path(start).read_text())
+        want = [r.case_id for r in records[start:start + size]]
+        if part["case_ids"] != want or part.get("settings") != settings:
+            what = "other records" if part["case_ids"] != want else "other editor settings"
+            raise ValueError(f"{part_path(start)} was made with {what} than this run of stage {stage.name} (records "
+                             f"{start}-{start + size - 1}): delete {d} to run the stage again")
+        return part
+
+    for start in starts:  # refuse a mismatch now, not after hours of the other parts
+        if part_path(start).is_file():
+            check(start)
     while True:
         took = False
         for start in starts:
-            path = d / f"{start:05d}.json"
-            if path.is_file():
+            if part_path(start).is_file():
                 continue
-            claim = _claim(path)
-            if claim is None:
+            lock = _claim(part_path(start))
+            if lock is None:
                 continue
-            took = True
             try:
+                if part_path(start).is_file():  # finished by another process since the look above
+                    continue
+                took = True
                 chunk = records[start:start + size]
                 t0 = time.time()
                 rep = run(chunk)
                 log.info("stage %s: records %d-%d done", stage.name, start, start + len(chunk) - 1)
-                path.write_text(json.dumps({"case_ids": [r.case_id for r in chunk], "rows": rep.rows,
-                                            "times_ms": rep.times_ms, "seconds": round(time.time() - t0),
-                                            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
+                _write_atomically(part_path(start), {
+                    "case_ids": [r.case_id for r in chunk], "settings": settings, "rows": rep.rows,
+                    "times_ms": rep.times_ms, "seconds": round(time.time() - t0),
+                    "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
             finally:
-                claim.unlink(missing_ok=True)
-        missing = [s for s in starts if not (d / f"{s:05d}.json").is_file()]
+                os.close(lock)
+        missing = [s for s in starts if not part_path(s).is_file()]
         if not missing:
             break
         if not took:  # every missing part is another live process's: wait for it
             log.info("stage %s: waiting for parts %s held by another process", stage.name, missing)
             time.sleep(wait_s)
-    parts = []
-    for start in starts:
-        part = json.loads((d / f"{start:05d}.json").read_text())
-        want = [r.case_id for r in records[start:start + size]]
-        if part["case_ids"] != want:
-            raise ValueError(f"{d / f'{start:05d}.json'} holds other records than this stage's {start}-"
-                             f"{start + size - 1} (another part size or data file?): delete {d} to run it again")
-        parts.append(part)
-    return merge_parts(parts)
+    return merge_parts([check(start) for start in starts])
 
 
 def merge_parts(parts: list[dict]) -> dict:
@@ -214,35 +229,23 @@ def merge_parts(parts: list[dict]) -> dict:
             "part_seconds": sum(part["seconds"] for part in parts)}
 
 
-def _claim(path: Path) -> Path | None:
-    """Claim the part ``path`` for this process (None: a live process holds it). A dead claimant's claim is taken over."""
-    claim = path.with_suffix(".claim")
-    mine = path.with_suffix(f".{os.getpid()}.tmp")
-    mine.write_text(str(os.getpid()))
+def _claim(path: Path) -> int | None:
+    """An open descriptor holding the exclusive lock of part ``path`` (close it to let go), or None when
+    another process holds it. The lock file stays; the kernel releases the lock when its holder dies."""
+    fd = os.open(path.with_suffix(".lock"), os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        os.link(mine, claim)  # atomic: fails if the claim exists
-        return claim
-    except FileExistsError:
-        try:
-            holder = int(claim.read_text())
-        except (OSError, ValueError):
-            return None  # being written or removed right now: leave it to the next pass
-        if _alive(holder):
-            return None
-        claim.unlink(missing_ok=True)  # its process is gone
-        return _claim(path)
-    finally:
-        mine.unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _write_atomically(path: Path, data: dict) -> None:
+    """Write JSON so that a reader sees the old file or the whole new one, never half of it."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def _partial_singles(all_stages: list[Stage]) -> dict[str, dict]:
@@ -538,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log.info("stage %s: %s", s.name, s)
             (CACHE / f"{s.name}.json").write_text(json.dumps(run_stage(s, args), indent=1))
+            # its parts are merged into it: running the stage again (its JSON deleted) starts afresh
+            shutil.rmtree(parts_dir(s), ignore_errors=True)
             render(args, all_stages)
     render(args, all_stages)
     return 0

@@ -80,3 +80,13 @@ def test_a_model_without_a_cacheable_attention_runs_every_position(tiny_tokenize
     assert problem.split is None
     assert "runs every position" in caplog.text
     assert optimise_values(model, tiny_tokenizer, requests(facts, 2), LAYER, value_config(steps=3)).steps == 3
+
+
+def test_rows_longer_than_a_sliding_window_are_not_cut(tiny_llama, tiny_tokenizer, facts):
+    """A prepared mask would let the cut tail attend past the window: such rows run every position."""
+    from editor_core.methods.values import ValueProblem
+
+    tiny_llama.config.sliding_window = 4  # shorter than every row here
+    assert ValueProblem(tiny_llama, tiny_tokenizer, requests(facts, 2), LAYER, value_config()).split is None
+    tiny_llama.config.sliding_window = 4096
+    assert ValueProblem(tiny_llama, tiny_tokenizer, requests(facts, 2), LAYER, value_config()).split is not None

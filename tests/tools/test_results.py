@@ -94,6 +94,9 @@ def test_a_stage_that_rescored_cached_deltas_says_so():
         {"records": 10, "points": [{"n": 3, "from_cache": 3}, {"n": 10, "from_cache": 7}]})
 
 
+SETTINGS = {"method": "rome", "layers": (2,)}
+
+
 def _rome_setup(tiny_model, tiny_tokenizer, facts, n: int):
     stats = collect_key_stats(tiny_model, tiny_tokenizer, texts(facts), LAYERS, progress=False)
     stack = EditStack(tiny_model, out_proj_targets(tiny_model, LAYERS))
@@ -107,6 +110,8 @@ def test_a_single_stage_in_parts_resumes_and_equals_one_evaluation(tiny_llama, t
                                                                     monkeypatch):
     """A single-edit stage cut off after its first part runs only the rest when started again, and its
     merged figures are those of one evaluation over every record."""
+    import os
+
     from editor_core.evaluate import evaluate
     from tools import results
 
@@ -124,13 +129,15 @@ def test_a_single_stage_in_parts_resumes_and_equals_one_evaluation(tiny_llama, t
     import pytest
 
     with pytest.raises(KeyboardInterrupt):
-        results.single_in_parts(stage, records, 2, lambda recs: run(recs, fail_after=1))
+        results.single_in_parts(stage, records, 2, lambda recs: run(recs, fail_after=1), SETTINGS)
     assert calls == [["0", "1"]]
-    assert not list(results.parts_dir(stage).glob("*.claim"))  # the cut-off part's claim is released
+    lock = results._claim(results.parts_dir(stage) / "00002.json")
+    assert lock is not None  # the cut-off part is free again
+    os.close(lock)
     partial = results._partial_singles([stage])[stage.name]
     assert partial["records"] == 2
 
-    merged = results.single_in_parts(stage, records, 2, run)
+    merged = results.single_in_parts(stage, records, 2, run, SETTINGS)
     assert calls == [["0", "1"], ["2", "3"], ["4"]]  # only the parts not done
     whole = evaluate(tiny_llama, tiny_tokenizer, stack, editor, records, progress=False)
     assert merged["records"] == 5 and merged["parts"] == 3
@@ -150,26 +157,36 @@ def test_parts_made_on_other_records_are_refused(tiny_llama, tiny_tokenizer, fac
     stack, editor, records = _rome_setup(tiny_llama, tiny_tokenizer, facts, 3)
     stage = results.Stage("single-rome", "rome", "single", "counterfact", 3)
     run = lambda recs: evaluate(tiny_llama, tiny_tokenizer, stack, editor, recs, progress=False)  # noqa: E731
-    results.single_in_parts(stage, records, 2, run)
+    results.single_in_parts(stage, records, 2, run, SETTINGS)
+    ran = []
     with pytest.raises(ValueError, match="other records"):
-        results.single_in_parts(stage, list(reversed(records)), 2, run)
+        results.single_in_parts(stage, list(reversed(records)) + records[:1], 2, lambda r: ran.append(r), SETTINGS)
+    with pytest.raises(ValueError, match="other editor settings"):
+        results.single_in_parts(stage, records + records[:1], 2, lambda r: ran.append(r), {"method": "rome", "x": 2})
+    assert not ran  # refused before any part runs
 
 
-def test_a_part_claimed_by_a_live_process_is_left_to_it_and_a_dead_ones_claim_is_taken(tmp_path):
-    import os
+def test_a_part_locked_by_another_process_is_left_to_it_and_free_once_that_process_is_gone(tmp_path):
     import subprocess
     import sys
+    import textwrap
 
     from tools.results import _claim
 
     part = tmp_path / "00000.json"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(part.with_suffix(".lock"))!r}, os.O_CREAT | os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
     try:
-        (tmp_path / "00000.claim").write_text(str(other.pid))
-        assert _claim(part) is None  # a live process holds it
+        assert holder.stdout.readline().strip() == "held"
+        assert _claim(part) is None  # another live process holds it
     finally:
-        other.kill()
-        other.wait()
-    claim = _claim(part)  # its holder is gone
-    assert claim is not None and claim.read_text() == str(os.getpid())
-    assert not list(tmp_path.glob("*.tmp"))
+        holder.kill()
+        holder.wait()
+    fd = _claim(part)  # the kernel let go of the dead holder's lock
+    assert fd is not None
+    assert _claim(part) is None  # and now this process holds it (a second open file cannot take it)
