@@ -8,7 +8,7 @@ than the layers alone add up to, and this is where it shows.
 
     python -m tools.layer_damage --deltas runs/variants/memit-fisher.deltas --n 1000
 
-One JSON line per state on stdout: canaries changed, nats lost, and the leak of the layers kept.
+One JSON line per state on stdout: canaries changed, nats lost, and the leak of the layers kept (at full size).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import sys
 import torch
 
 
-def taking_out(summed: dict[str, torch.Tensor], names: list[str], fingerprint: str):
-    """An ``EditDelta`` that cancels the summed updates (d_out, d_in) of ``names``: applied on the stack, those
-    targets are back at their base weights and the others are untouched."""
+def taking_out(summed: dict[str, torch.Tensor], names: list[str], fingerprint: str, share: float = 1.0):
+    """An ``EditDelta`` that cancels ``share`` of the summed updates (d_out, d_in) of ``names``: applied on the
+    stack with share 1, those targets are back at their base weights and the others are untouched."""
     from editor_core.delta import EditDelta, LowRankUpdate
 
-    return EditDelta({n: LowRankUpdate(u=torch.eye(summed[n].shape[0]), v=-summed[n]) for n in names}, fingerprint,
-                     {"method": "layer_damage"})
+    return EditDelta({n: LowRankUpdate(u=torch.eye(summed[n].shape[0]), v=-share * summed[n]) for n in names},
+                     fingerprint, {"method": "layer_damage"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
 
     report(f"{args.n} stacked, every layer", names)
+    with stack.applied(taking_out(summed, names, stack.fingerprint, share=0.5)):
+        # how the damage grows with the size of the change: 1/4 of the whole for a square law, 1/2 for a linear one
+        report("every layer at half its size", names)
     for n in names:
         with stack.applied(taking_out(summed, [n], stack.fingerprint)):
             report(f"without {n}", [m for m in names if m != n])

@@ -33,3 +33,13 @@ def test_taking_out_a_layer_restores_it_and_only_it(tiny_llama):
         torch.testing.assert_close(tiny_llama.get_submodule(names[0]).weight, base[names[0]], atol=1e-5, rtol=0)
         assert torch.equal(tiny_llama.get_submodule(names[1]).weight, stacked[names[1]])
     assert torch.equal(tiny_llama.get_submodule(names[0]).weight, stacked[names[0]])  # put back afterwards
+
+
+def test_a_share_takes_out_that_part_of_the_update(tiny_llama):
+    name = "model.layers.0.mlp.down_proj"
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama, [name]))
+    base = tiny_llama.get_submodule(name).weight.detach().clone()
+    update = LowRankUpdate(torch.ones(1, base.shape[0]), torch.ones(1, base.shape[1]))
+    stack.rebuild([("e0", EditDelta({name: update}, stack.fingerprint, {}))])
+    with stack.applied(taking_out({name: torch.ones_like(base)}, [name], stack.fingerprint, share=0.5)):
+        torch.testing.assert_close(tiny_llama.get_submodule(name).weight, base + 0.5)
