@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("key_coverage")
-
 
 @torch.no_grad()
 def position_keys(model: torch.nn.Module, tokenizer, texts: list[str], names: dict[int, str]) -> dict[int, torch.Tensor]:
@@ -47,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from editor_core.canary import load_canary_prompts
     from editor_core.data import load_records
     from editor_core.delta import EditDelta
-    from editor_core.methods.locate import LocateConfig, _summed, fact_rows
+    from editor_core.methods.locate import LocateConfig
     from editor_core.stats import STATS_FILE, KeyStats, ridged, sampled_texts
+    from editor_core.targets import out_proj_targets
+    from tools.refit_probe import summed_updates
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     layers = args.layers or cfg.memit_layers
     if missing := [b for b in layers if b not in stats.moments]:
         p.error(f"--layers: the statistics hold no layer {missing}")
-    names = {b: f"model.layers.{b}.mlp.down_proj" for b in layers}
     lm = models.load(args.model)
+    names = {t.block: t.name for t in out_proj_targets(lm.model, layers)}
     summed = {}
     if args.deltas:
         files = sorted(Path(args.deltas).glob("*.safetensors"))[: args.n]
         if len(files) < args.n:
             p.error(f"--deltas {args.deltas} holds {len(files)} edits, fewer than --n {args.n}")
         deltas = [EditDelta.from_bytes(f.read_bytes()) for f in files]
-        summed = {b: _summed([fact_rows(d, n) for d in deltas], "cpu") for b, n in names.items()}  # (d_out, d_in)
+        summed = {b: summed_updates(deltas, n)[0] for b, n in names.items()}  # (d_out, d_in): the facts' own rows
     sets = {"canaries": load_canary_prompts(),
             "sampled text (seed 7)": sampled_texts(lm.model, lm.tokenizer, n=args.samples, seed=7, progress=False),
             "counterfact locality prompts": [pair.prompt for r in load_records(args.data)[: args.records] for pair in r.locality]}

@@ -2,9 +2,10 @@
 
 Rebuilds a stacked run from its delta cache (the first ``--n`` edits), scores the 64 canaries with the whole
 stack, then with each edited layer's summed update taken out, and with every other layer's taken out (that
-layer alone). The per-layer leak ``tr(dW C dW^T)`` that ``tools.leak_budget`` reads treats the layers as
-independent; if their leaks add up coherently in the residual stream, the whole stack costs the canaries more
-than the layers alone add up to, and this is where it shows.
+layer alone), and with the whole stack at half its size. The per-layer leak ``tr(dW C dW^T)`` that
+``tools.leak_budget`` reads says nothing of how the layers' leaks combine on real prompts: the half-size state
+gives how fast the damage grows with the change (a quarter of it for a square law), and against that law the
+layers alone, summed, say whether their leaks are aligned (docs/LOCATE.md, "Why the canaries go at 1,000").
 
     python -m tools.layer_damage --deltas runs/variants/memit-fisher.deltas --n 1000
 
