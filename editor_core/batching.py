@@ -87,6 +87,36 @@ def right_pad(rows: list[list[int]], pad: int, device=None) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+# What one more forward costs, counted in padded positions: every weight is read once per forward
+# whatever its rows. For SmolLM2-135M on one CPU core a forward of 896 positions took 4.1-4.5 s and
+# reading the 0.5 GB of fp32 weights takes about 0.05 s, about 10 positions' work.
+FORWARD_OVERHEAD_POSITIONS = 16
+
+
+def length_groups(lengths: list[int], overhead: int = FORWARD_OVERHEAD_POSITIONS) -> list[list[int]]:
+    """Row indices grouped by length so that right-padded forwards do the least work.
+
+    Rows sorted by length are cut into contiguous groups minimising ``sum(rows * longest) + overhead
+    * groups`` (exact, by dynamic programming over the cut points: O(n^2) for n rows). The 64 shipped
+    canaries padded as one batch are 896 positions for 653 tokens.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: least cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):  # group = sorted rows i..j-1, padded to the longest (the last)
+            cost = best[i] + (j - i) * longest + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
 def build_batch(
     tokenizer,
     prompts: list[str],

@@ -14,6 +14,11 @@ A collapsing edit fails this at once, whatever came before. And where is the mod
 unedited one (``changed``, ``logprob_drop``), so slow drift over many edits has a ceiling. A guard
 on the cumulative figures alone would refuse every edit, good or bad, once many good ones had
 drifted a few canaries (measured: 12 of 64 after 100 stacked AlphaEdit corrections).
+
+The guard runs after every edit, so its forward is cheap where it can be: the canaries run in
+groups of similar length (:func:`editor_core.batching.length_groups`; one padded batch wastes a
+quarter of its positions), and a caller that knows the lowest block any active edit touches passes
+it, so that what enters that block, the same as on the unedited model, is computed once and kept.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from editor_core.batching import pad_id, prompt_ids, right_pad
+from editor_core.batching import length_groups, pad_id, prompt_ids, right_pad
 from editor_core.greedy import greedy_ids
 from editor_core.logits import logits_at
+from editor_core.tail import prefix_states, tail_logits
 
 DEFAULT_CANARIES = Path(__file__).parent / "assets" / "canaries.json"
+KEPT_PREFIX_BLOCKS = 4  # blocks whose unedited input states are kept (each ~ canary tokens x d floats)
 
 
 @dataclass(frozen=True)
@@ -84,31 +91,64 @@ class CanarySet:
         self.tie_margin = tie_margin
         self.prompts = prompts if prompts is not None else load_canary_prompts()
         self.answers = greedy_ids(model, tokenizer, self.prompts, [n_tokens] * len(self.prompts))
+        self._groups = self._batches(next(model.parameters()).device)
+        # block -> per group, the (B, T, d) states entering that block on the unedited model
+        self._prefix: dict[int, list[torch.Tensor]] = {}
         self.baseline = self._logprobs(model)[1]  # (n,)
 
-    @torch.no_grad()
-    def _logprobs(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n,) bool: greedy answer unchanged; (n,) mean token log-prob of the baseline answers."""
-        device = next(model.parameters()).device
+    def _batches(self, device) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per length group: (canary indices, ids (B, T), mask (B, T), select (B, T) = the positions
+        predicting an answer token)."""
         rows = [prompt_ids(self.tokenizer, p) for p in self.prompts]
         seqs = [r + a for r, a in zip(rows, self.answers, strict=True)]
-        ids, mask = right_pad(seqs, pad_id(self.tokenizer), device)
-        select = torch.zeros_like(mask, dtype=torch.bool)  # (n, T): the positions predicting an answer token
-        for i, (r, a) in enumerate(zip(rows, self.answers, strict=True)):
-            select[i, len(r) - 1 : len(r) - 1 + len(a)] = True
-        logp = torch.log_softmax(logits_at(model, ids, mask, select).float(), -1)  # (N, V) row-major
-        same, mean_lp, at = [], [], 0
-        for a in self.answers:
-            tgt = torch.tensor(a, device=logp.device)  # (len(a),)
-            rows_lp = logp[at : at + len(a)]  # (len(a), V)
-            same.append(bool((rows_lp.argmax(-1) == tgt).all()))
-            mean_lp.append(float(rows_lp.gather(-1, tgt.unsqueeze(-1)).mean()))
-            at += len(a)
-        return torch.tensor(same), torch.tensor(mean_lp)
+        out = []
+        for group in length_groups([len(q) for q in seqs]):
+            ids, mask = right_pad([seqs[i] for i in group], pad_id(self.tokenizer), device)
+            select = torch.zeros_like(mask, dtype=torch.bool)
+            for b, i in enumerate(group):
+                select[b, len(rows[i]) - 1 : len(rows[i]) - 1 + len(self.answers[i])] = True
+            out.append((group, ids, mask, select))
+        return out
 
-    def measure(self, model: nn.Module) -> CanaryState:
-        """The canaries' answers under the model as it is now (one batched forward pass)."""
-        return CanaryState(*self._logprobs(model))
+    def _states_entering(self, model: nn.Module, block: int) -> list[torch.Tensor]:
+        """Per group, the states entering ``block``: computed on the first call and kept, which is right
+        only because every caller promises that the blocks below ``block`` hold their base weights."""
+        if block not in self._prefix:
+            if len(self._prefix) >= KEPT_PREFIX_BLOCKS:
+                del self._prefix[next(iter(self._prefix))]  # the oldest block asked for
+            self._prefix[block] = [prefix_states(model, ids, mask, block) for _, ids, mask, _ in self._groups]
+        return self._prefix[block]
+
+    @torch.no_grad()
+    def _logprobs(self, model: nn.Module, first_edited: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) bool: greedy answer unchanged; (n,) mean token log-prob of the baseline answers."""
+        n = len(self.prompts)
+        same, mean_lp = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+        # None or 0: nothing below the edits to skip
+        states = self._states_entering(model, first_edited) if first_edited else None
+        for g, (group, ids, mask, select) in enumerate(self._groups):
+            if states is None:
+                logits = logits_at(model, ids, mask, select)  # (N, V) row-major
+            else:
+                logits = tail_logits(model, first_edited, states[g], mask, select)
+            logp = torch.log_softmax(logits.float(), -1)
+            at = 0
+            for i in group:
+                tgt = torch.tensor(self.answers[i], device=logp.device)  # (len(a),)
+                rows_lp = logp[at : at + len(tgt)]  # (len(a), V)
+                same[i] = bool((rows_lp.argmax(-1) == tgt).all())
+                mean_lp[i] = float(rows_lp.gather(-1, tgt.unsqueeze(-1)).mean())
+                at += len(tgt)
+        return same, mean_lp
+
+    def measure(self, model: nn.Module, first_edited: int | None = None) -> CanaryState:
+        """The canaries' answers under the model as it is now.
+
+        ``first_edited``: the lowest block whose weights differ from the unedited model's, when the
+        caller knows it (:meth:`editor_core.stack.EditStack.first_edited_block`); the blocks below it
+        are then not run again. None runs the whole model.
+        """
+        return CanaryState(*self._logprobs(model, first_edited))
 
     def changed_mask(self, state: CanaryState) -> torch.Tensor:
         """(n,) bool: canaries whose answer changed against the baseline (flip AND drop > tie margin)."""

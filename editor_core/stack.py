@@ -85,6 +85,12 @@ class EditStack:
         """Hash of the target weights as the model holds them now."""
         return targets_sha256(self.model, list(self.targets.values()))
 
+    def first_edited_block(self) -> int | None:
+        """The lowest block an active edit writes (None when none is active): every block below it
+        holds its base weights bit for bit, since a target no active delta touches is the base."""
+        blocks = {self.targets[n].block for d in self._active.values() for n in d.updates}
+        return min(blocks, default=None)
+
     def delta_of(self, edit_id: str) -> EditDelta:
         return self._active[edit_id]
 

@@ -354,7 +354,7 @@ class EditEngine:
             return None
         sha = self.sha256 or self.stack.sha256()
         if self._canaries_at is None or self._canaries_at[0] != sha:
-            self._canaries_at = (sha, self.canaries.measure(self.model))
+            self._canaries_at = (sha, self.canaries.measure(self.model, self.stack.first_edited_block()))
         return self._canaries_at[1]
 
     def _check_canaries(self, before: CanaryState | None) -> tuple[dict | None, CanaryState | None]:
@@ -365,7 +365,7 @@ class EditEngine:
         if self.canaries is None:
             return None, None
         started = time.perf_counter()
-        now = self.canaries.measure(self.model)
+        now = self.canaries.measure(self.model, self.stack.first_edited_block())
         report = self.canaries.check(self.model, before=before, now=now)
         figures = {**report.to_dict(), "check_ms": round((time.perf_counter() - started) * 1000.0, 1)}
         n = max(report.n, 1)

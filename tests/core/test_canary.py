@@ -10,7 +10,7 @@ from editor_core.canary import CanarySet, load_canary_prompts
 from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.greedy import greedy_ids, still_greedy
 from editor_core.stack import EditStack
-from editor_core.targets import resolve_targets
+from editor_core.targets import blocks_of, resolve_targets
 
 
 def test_shipped_canaries_are_64_distinct_prompts():
@@ -67,3 +67,40 @@ def test_marginal_figures_judge_one_edit_against_the_state_before_it(tiny_model,
     assert second.changed > 8  # the drift so far is still reported ...
     assert second.new_changed == 0 and abs(second.step_logprob_drop) < 1e-3  # ... but not blamed on this edit
     assert second.to_dict()["new_changed"] == 0
+
+
+def _update_at(stack: EditStack, block: int, scale: float, seed: int) -> EditDelta:
+    """A random rank-2 update of every target of ``block``, ``scale`` times the weight's typical entry."""
+    g = torch.Generator().manual_seed(seed)
+    updates = {}
+    for name, t in stack.targets.items():
+        if t.block == block:
+            w = stack.model.get_submodule(name).weight.detach()
+            s = scale * float(w.norm()) / (t.d_out * t.d_in) ** 0.5
+            updates[name] = LowRankUpdate(s * torch.randn(2, t.d_out, generator=g), torch.randn(2, t.d_in, generator=g))
+    return EditDelta(updates, stack.fingerprint)
+
+
+def test_measuring_from_the_first_edited_block_equals_the_whole_model(tiny_model, tiny_tokenizer):
+    """With the blocks below the edits unedited, the kept states entering the first edited block give
+    the same answers and log-probs as running every block, and block 0 is not run again."""
+    canaries = CanarySet(tiny_model, tiny_tokenizer, n_tokens=3)
+    stack = EditStack(tiny_model, resolve_targets(tiny_model, last_blocks=4))
+    assert stack.first_edited_block() is None
+    runs = []
+    handle = blocks_of(tiny_model)[0].register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        for i, scale in enumerate([30.0, 5.0]):
+            stack.apply(f"e{i}", _update_at(stack, 2 + i, scale, seed=i))
+            assert stack.first_edited_block() == 2
+            whole = canaries.measure(tiny_model)
+            runs.clear()
+            tail = canaries.measure(tiny_model, stack.first_edited_block())
+            assert bool((tail.same == whole.same).all())
+            torch.testing.assert_close(tail.logprob, whole.logprob, atol=1e-5, rtol=1e-5)
+            assert runs == ([1] * len(canaries._groups) if i == 0 else [])  # kept after the first call
+        assert canaries.check(tiny_model).changed > 0  # the scale-30 update did reach the canaries
+        stack.revert("e0")
+        assert stack.first_edited_block() == 3
+    finally:
+        handle.remove()

@@ -124,3 +124,19 @@ def test_chunked_sum_is_one_canonical_form_across_chunk_boundaries(tiny_model):
     for i in list(stack.active_ids):
         stack.revert(i)
     assert stack.sha256() == base
+
+
+def test_first_edited_block_is_the_lowest_block_an_active_edit_writes(tiny_model):
+    stack = EditStack(tiny_model, resolve_targets(tiny_model, last_blocks=4))
+    assert stack.first_edited_block() is None
+    full = random_delta(stack)
+    only = {n: u for n, u in full.updates.items() if stack.targets[n].block in (2, 3)}
+    stack.apply("upper", EditDelta(only, stack.fingerprint))
+    assert stack.first_edited_block() == 2
+    low = {n: u for n, u in full.updates.items() if stack.targets[n].block == 1}
+    stack.apply("lower", EditDelta(low, stack.fingerprint))
+    assert stack.first_edited_block() == 1
+    stack.revert("lower")
+    assert stack.first_edited_block() == 2
+    stack.reset()
+    assert stack.first_edited_block() is None
