@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--editor", type=Path, default=None,
+                   help="a trained editor directory (default: the one shipped for --model); its statistics "
+                        "for the re-solve are read from beside it")
     p.add_argument("--data", default="../shared/data/counterfact-val.json")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=NUMBER", help=f"any of {', '.join(TUNABLE)}")
     p.add_argument("--single", type=int, default=0, help="score this many records one edit at a time")
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             p.error(f"--set {item!r}: {err}")
 
-    shipped = checkpoint.default_editor_dir(args.model)
+    shipped = args.editor or checkpoint.default_editor_dir(args.model)
     lm = models.load(args.model)
     model, tok = lm.model, lm.tokenizer
     stack = EditStack(model, checkpoint.stack_targets(model, shipped))
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(args.data)
     out = Path(f"runs/variants/mend-{args.name}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = {"name": args.name, **{k: getattr(editor.config, k) for k in TUNABLE},
+    base = {"name": args.name, "editor": str(shipped), **{k: getattr(editor.config, k) for k in TUNABLE},
             "targets": [t.name for t in editor.targets]}
 
     def write(row: dict) -> None:

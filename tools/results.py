@@ -156,6 +156,10 @@ def parts_dir(stage: Stage) -> Path:
     return CACHE / f"{stage.name}.parts"
 
 
+class FinishedElsewhere(Exception):
+    """Another process merged the stage's last parts (and removed them) while this one waited."""
+
+
 def single_in_parts(stage: Stage, records: list, size: int, run: Callable[[list], object], settings: dict,
                     wait_s: float = 20.0) -> dict:
     """A single-edit stage evaluated ``size`` records at a time, each part cached once done.
@@ -191,9 +195,14 @@ def single_in_parts(stage: Stage, records: list, size: int, run: Callable[[list]
     while True:
         took = False
         for start in starts:
+            if (CACHE / f"{stage.name}.json").is_file():
+                raise FinishedElsewhere(stage.name)
             if part_path(start).is_file():
                 continue
-            lock = _claim(part_path(start))
+            try:
+                lock = _claim(part_path(start))
+            except FileNotFoundError:  # the parts were merged and removed between the look above and here
+                raise FinishedElsewhere(stage.name) from None
             if lock is None:
                 continue
             try:
@@ -541,7 +550,12 @@ def main(argv: list[str] | None = None) -> int:
             if (CACHE / f"{s.name}.json").is_file():
                 continue
             log.info("stage %s: %s", s.name, s)
-            (CACHE / f"{s.name}.json").write_text(json.dumps(run_stage(s, args), indent=1))
+            try:
+                out = run_stage(s, args)
+            except FinishedElsewhere:
+                log.info("stage %s: finished by another process", s.name)
+                continue
+            (CACHE / f"{s.name}.json").write_text(json.dumps(out, indent=1))
             # its parts are merged into it: running the stage again (its JSON deleted) starts afresh
             shutil.rmtree(parts_dir(s), ignore_errors=True)
             render(args, all_stages)

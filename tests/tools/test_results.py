@@ -190,3 +190,36 @@ def test_a_part_locked_by_another_process_is_left_to_it_and_free_once_that_proce
     fd = _claim(part)  # the kernel let go of the dead holder's lock
     assert fd is not None
     assert _claim(part) is None  # and now this process holds it (a second open file cannot take it)
+
+
+def test_a_process_waiting_on_a_part_stops_cleanly_when_another_finishes_the_stage(tmp_path, monkeypatch):
+    """The process holding the last part merges the stage and removes its parts; the one waiting for
+    that part then says the stage was finished elsewhere instead of failing on the missing lock file."""
+    import os
+    import shutil
+    import threading
+
+    import pytest
+
+    from tools import results
+
+    monkeypatch.setattr(results, "CACHE", tmp_path)
+    stage = results.Stage("single-rome", "rome", "single", "counterfact", 1)
+    records = [EditRecord("0", "About x", "x", "Paris", None)]
+    results.parts_dir(stage).mkdir(parents=True)
+    held = results._claim(results.parts_dir(stage) / "00000.json")  # "the other process" holds the only part
+
+    def other_finishes():
+        (tmp_path / "single-rome.json").write_text("{}")
+        shutil.rmtree(results.parts_dir(stage))
+        os.close(held)
+
+    timer = threading.Timer(0.3, other_finishes)
+    timer.start()
+    ran = []
+    try:
+        with pytest.raises(results.FinishedElsewhere):
+            results.single_in_parts(stage, records, 1, lambda r: ran.append(r), SETTINGS, wait_s=0.1)
+    finally:
+        timer.join()
+    assert not ran
