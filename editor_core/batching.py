@@ -88,8 +88,9 @@ def right_pad(rows: list[list[int]], pad: int, device=None) -> tuple[torch.Tenso
 
 
 # What one more forward costs, counted in padded positions: every weight is read once per forward
-# whatever its rows. For SmolLM2-135M on one CPU core a forward of 896 positions took 4.1-4.5 s and
-# reading the 0.5 GB of fp32 weights takes about 0.05 s, about 10 positions' work.
+# whatever its rows. For SmolLM2-135M on one CPU core a forward of 896 positions took 2.1 s on a quiet
+# machine (4.1-4.5 s beside other jobs), and reading its 0.5 GB of fp32 weights takes about 0.05 s:
+# 10-20 positions' work.
 FORWARD_OVERHEAD_POSITIONS = 16
 
 
