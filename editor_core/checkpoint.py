@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from editor_core.config import MendConfig
+from editor_core.config import INFERENCE_FIELDS, MendConfig
 from editor_core.models import short_name
 from editor_core.targets import Target, resolve_targets
 
@@ -52,6 +52,25 @@ def read_config(path: str | Path) -> MendConfig:
     if not (d / CONFIG).is_file():
         raise EditorCheckpointError(f"no editor checkpoint at {d} (expected {CONFIG})")
     return MendConfig.from_dict(json.loads((d / CONFIG).read_text())["mend"])
+
+
+def write_settings(path: str | Path, settings: dict) -> MendConfig:
+    """Replace inference fields (``INFERENCE_FIELDS``) of a saved editor's config; its nets are untouched.
+
+    How a shipped editor's way of applying its nets is chosen after training (its card records the
+    call). Returns the new config; an unknown field or a value MendConfig refuses changes nothing.
+    """
+    d = Path(path)
+    config = read_config(d)
+    unknown = sorted(set(settings) - set(INFERENCE_FIELDS))
+    if unknown:
+        raise ValueError(f"{unknown} are not inference settings of a MEND editor ({', '.join(INFERENCE_FIELDS)})")
+    config = replace(config, **settings)  # runs MendConfig's checks before anything is written
+    doc = json.loads((d / CONFIG).read_text())
+    doc["mend"] = config.to_dict()
+    (d / (CONFIG + ".tmp")).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.replace(d / (CONFIG + ".tmp"), d / CONFIG)
+    return config
 
 
 def stack_targets(model, editor_dir: str | Path | None) -> list[Target]:

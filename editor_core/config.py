@@ -9,6 +9,29 @@ INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserv
                     "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes")
 
 
+def parse_setting(item: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` of one inference field, typed (``--set`` of the tools that change them).
+
+    ``edit_prefixes``/``key_prefixes`` take "|"-separated prefixes; ``edit_targets`` is returned as its
+    text ("all" or "out_proj"), which only a caller holding the model can turn into names. Raises
+    ValueError naming the problem, including a value MendConfig refuses.
+    """
+    name, sep, text = item.partition("=")
+    if not sep or name not in INFERENCE_FIELDS:
+        raise ValueError(f"expected FIELD=VALUE with FIELD one of {', '.join(INFERENCE_FIELDS)}")
+    if name == "edit_targets":
+        if text not in ("all", "out_proj"):
+            raise ValueError("edit_targets is 'all' (every trained target) or 'out_proj' (the down_proj)")
+        return name, text
+    if name in ("edit_prefixes", "key_prefixes"):  # e.g. "The following is true. |I read that "
+        value: object = [x for x in text.split("|") if x]
+    else:
+        value = {"refine_passes": int, "preserve_keys": str}.get(name, float)(text)
+    # MendConfig's own checks, on a config that re-solves at the last key
+    MendConfig(**{"preserve_lambda": 1.0, "preserve_keys": "last", name: value})
+    return name, value
+
+
 @dataclass
 class MendConfig:
     """Shape of a MEND editor and which weights it edits."""

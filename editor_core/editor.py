@@ -30,13 +30,16 @@ from editor_core.nets import MendNets
 from editor_core.preserved_solve import KeptInverse, preserved_inverse, preserved_update
 from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
+from editor_core.stats import STATS_FILE as LOCATE_STATS_FILE
 from editor_core.stats import KeyStats, StatsError
 from editor_core.tail import prefix_states, tail_logits
 from editor_core.targets import Target, out_proj_targets, resolve_targets
 
 log = logging.getLogger(__name__)
 
-# key statistics of the editor's own layers, beside its checkpoint (for config.preserve_lambda > 0)
+# key statistics of the editor's own layers, beside its checkpoint (for config.preserve_lambda > 0); without
+# it the editor reads the locate-then-edit statistics shipped in the same directory (stats.STATS_FILE), which
+# serve an editor whose targets are those methods' layers with no second copy
 STATS_FILE = "mend_keystats.safetensors"
 
 
@@ -107,15 +110,19 @@ class MendEditor:
         editor_id = ckpt.info.get("editor_id", Path(path).name)
         editor = cls(nets, ckpt.config, targets, stack.fingerprint, editor_id=editor_id, stack=stack)
         if ckpt.config.preserve_lambda > 0:
-            stats_path = Path(path) / STATS_FILE
+            stats_path = statistics_path(path)
             try:
                 stats = KeyStats.load(stats_path)
             except StatsError as err:
                 raise ValueError(f"editor at {path} re-solves its updates against key statistics "
-                                 f"(preserve_lambda {ckpt.config.preserve_lambda:g}): {err}") from err
+                                 f"(preserve_lambda {ckpt.config.preserve_lambda:g}; its own {STATS_FILE}, else "
+                                 f"the locate methods' {LOCATE_STATS_FILE}): {err}") from err
             if not stats.fits(stack.model):
                 raise ValueError(f"{stats_path} holds key statistics of another model")
-            editor.use_statistics(stats, stack.model)
+            covered = editor.use_statistics(stats, stack.model)
+            if not covered:
+                raise ValueError(f"{stats_path} covers none of the editor's targets "
+                                 f"({', '.join(t.name for t in editor.targets)})")
         log.info("loaded MEND editor %s (nets for %d targets, edits %d) from %s", editor_id, len(targets),
                  len(editor.targets), path)
         return editor
@@ -289,6 +296,12 @@ class MendEditor:
         if mean_keys is not None:
             meta["key_prefixes"] = str(len(self.config.key_prefixes))
         return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
+
+
+def statistics_path(editor_dir: str | Path) -> Path:
+    """The key statistics an editor in ``editor_dir`` re-solves against: its own, else the shipped locate ones."""
+    own = Path(editor_dir) / STATS_FILE
+    return own if own.exists() else Path(editor_dir) / LOCATE_STATS_FILE
 
 
 def last_of_each_row(row: torch.Tensor) -> torch.Tensor:

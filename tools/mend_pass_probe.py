@@ -25,7 +25,6 @@ import argparse
 import inspect
 import logging
 import statistics
-from pathlib import Path
 
 import torch
 
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from editor_core.batching import build_batch, target_labels, target_positions
     from editor_core.data import load_records
     from editor_core.delta import LowRankUpdate
-    from editor_core.editor import STATS_FILE, MendEditor, last_of_each_row
+    from editor_core.editor import MendEditor, last_of_each_row, statistics_path
     from editor_core.functional_edit import added_updates
     from editor_core.grads import capture_factors
     from editor_core.logits import logits_at
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                              settings={"pass_scale": 1.0})
     if not editor.preserved:
         p.error("the shipped editor does not re-solve against statistics (preserve_lambda 0)")
-    stats = KeyStats.load(Path(shipped) / STATS_FILE)
+    stats = KeyStats.load(statistics_path(shipped))
     inverses = {n: kept.inverse([]) for n, kept in editor.preserved.items()}
     ridge = inspect.signature(preserved_inverse).parameters["ridge"].default  # the ridge the editor's solve uses
 

@@ -8,8 +8,8 @@ The tool for trying a lever of issue 11 (a MEND editor that takes) before it bec
         --checkpoints 10 100
 
 With ``preserve_lambda`` > 0 the editor's targets that have key statistics are re-solved against them
-(:mod:`editor_core.preserved_solve`), with the statistics shipped beside the editor
-(``mend_keystats.safetensors``; how they were made: the editor's card).
+(:mod:`editor_core.preserved_solve`), with the statistics beside the editor (its own
+``mend_keystats.safetensors``, else the locate methods' ``keystats.safetensors``; the editor's card says which).
 One JSON line per measurement goes to ``runs/variants/mend-<name>.jsonl``.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from editor_core.config import INFERENCE_FIELDS
+from editor_core.config import INFERENCE_FIELDS, parse_setting
 
 log = logging.getLogger("mend_variant")
 
@@ -60,23 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     changes = {}
     for item in args.set:
-        field, _, text = item.partition("=")
         try:
-            if field not in TUNABLE:
-                raise ValueError(f"FIELD must be one of {', '.join(TUNABLE)}")
-            if field == "edit_targets":
-                if text not in ("all", "out_proj"):
-                    raise ValueError("edit_targets is 'all' (every trained target) or 'out_proj' (the down_proj)")
-                changes[field] = text
-            elif field in ("edit_prefixes", "key_prefixes"):  # "|"-separated, e.g. "The following is true. |I read that "
-                changes[field] = [x for x in text.split("|") if x]
-            else:
-                changes[field] = {"refine_passes": int, "preserve_keys": str}.get(field, float)(text)
-            # its checks, on a config that re-solves at the last key as the shipped one does
-            replace(MendConfig(preserve_lambda=1.0, preserve_keys="last"),
-                    **{k: v for k, v in changes.items() if k != "edit_targets"})
+            field, value = parse_setting(item)
         except ValueError as err:
             p.error(f"--set {item!r}: {err}")
+        changes[field] = value
+    try:  # the settings together, as MendConfig checks them
+        replace(MendConfig(preserve_lambda=1.0, preserve_keys="last"),
+                **{k: v for k, v in changes.items() if k != "edit_targets"})
+    except ValueError as err:
+        p.error(f"--set: {err}")
 
     shipped = args.editor or checkpoint.default_editor_dir(args.model)
     lm = models.load(args.model)

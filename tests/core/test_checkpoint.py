@@ -89,3 +89,30 @@ def test_an_editor_that_re_solves_needs_its_statistics_beside_it(tiny_llama, tin
     loaded = MendEditor.load(tmp_path, stack)
     expected = sorted(t.name for t in out_proj_targets(tiny_llama, [0, 1]) if t.name in editor.config.targets)
     assert expected and sorted(loaded.preserved) == expected
+
+
+def test_a_re_solving_editor_reads_its_own_statistics_else_the_locate_ones(tiny_llama, tiny_tokenizer, tmp_path):
+    from editor_core.editor import STATS_FILE
+    from editor_core.stats import STATS_FILE as LOCATE_STATS_FILE
+    from editor_core.stats import collect_key_stats
+    from editor_core.targets import out_proj_targets
+
+    stack = EditStack(tiny_llama, out_proj_targets(tiny_llama, [0, 1]))
+    names = list(stack.targets)
+    editor = MendEditor.untrained(stack, MendConfig(rank=4, targets=names, preserve_lambda=1.0))
+    checkpoint.save(tmp_path, editor.config, editor.nets.state_dict(), {"model_fingerprint": stack.fingerprint})
+    texts = ["Paris is the capital of France.", "The Eiffel Tower stands in Paris."]
+    collect_key_stats(tiny_llama, tiny_tokenizer, texts, [0, 1], progress=False).save(tmp_path / LOCATE_STATS_FILE)
+    assert sorted(MendEditor.load(tmp_path, stack).preserved) == sorted(names)  # the locate statistics serve
+    # the editor's own file, when there is one, wins
+    own = collect_key_stats(tiny_llama, tiny_tokenizer, texts, [1], progress=False)
+    own.save(tmp_path / STATS_FILE)
+    assert list(MendEditor.load(tmp_path, stack).preserved) == [names[1]]
+    # statistics that cover none of an editor's targets are refused, not silently unused
+    block0 = EditStack(tiny_llama, out_proj_targets(tiny_llama, [0]))
+    first_only = MendEditor.untrained(block0, MendConfig(rank=4, targets=names[:1], preserve_lambda=1.0))
+    checkpoint.save(tmp_path / "b0", first_only.config, first_only.nets.state_dict(),
+                    {"model_fingerprint": block0.fingerprint})
+    own.save(tmp_path / "b0" / STATS_FILE)
+    with pytest.raises(ValueError, match="covers none"):
+        MendEditor.load(tmp_path / "b0", block0)

@@ -8,7 +8,8 @@ from tools import mend_variant
 
 
 @pytest.mark.parametrize("item, message", [
-    ("rank=4", "FIELD must be one of"),
+    ("rank=4", "FIELD one of"),
+    ("pass_scale", "FIELD=VALUE"),
     ("refine_passes=1.5", "invalid literal"),
     ("refine_passes=-1", "refine_passes must be a whole number"),
     ("preserve_lambda=-3", "preserve_lambda must be >= 0"),
