@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
-                    "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes")
+                    "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes",
+                    "extra_passes")
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -26,7 +27,7 @@ def parse_setting(item: str) -> tuple[str, object]:
     if name in ("edit_prefixes", "key_prefixes"):  # e.g. "The following is true. |I read that "
         value: object = [x for x in text.split("|") if x]
     else:
-        value = {"refine_passes": int, "preserve_keys": str}.get(name, float)(text)
+        value = {"refine_passes": int, "extra_passes": int, "preserve_keys": str}.get(name, float)(text)
     # MendConfig's own checks, on a config that re-solves at the last key
     MendConfig(**{"preserve_lambda": 1.0, "preserve_keys": "last", name: value})
     return name, value
@@ -68,6 +69,10 @@ class MendConfig:
     # the request (a batch of n facts gets n times that: each of its passes costs about n times one's)
     refine_passes: int = 0
     refine_seconds: float = 2.0
+    # once the prompt takes (every target token greedy), this many more passes (within refine_passes and
+    # refine_seconds): the passes otherwise stop at the bare prompt's threshold, which rephrasings, whose
+    # keys differ a little, do not all reach
+    extra_passes: int = 0
     # each pass's update is written times this: below 1, smaller steps that re-read the model more often
     # (one pass scaled up saturates: docs/MEND.md, "MEND that takes"), with more passes to reach the target
     pass_scale: float = 1.0
@@ -91,8 +96,10 @@ class MendConfig:
             raise ValueError(f"factor_tokens must be 'all' or 'subject', got {self.factor_tokens!r}")
         if self.preserve_keys not in ("all", "last"):
             raise ValueError(f"preserve_keys must be 'all' or 'last', got {self.preserve_keys!r}")
-        if not (isinstance(self.refine_passes, int) and self.refine_passes >= 0):
-            raise ValueError(f"refine_passes must be a whole number >= 0, not {self.refine_passes!r}")
+        for name in ("refine_passes", "extra_passes"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
         for name in ("preserve_lambda", "preserve_keep", "refine_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")

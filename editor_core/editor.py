@@ -159,14 +159,15 @@ class MendEditor:
     def _pass(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]],
               inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor,
               mean_keys: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
-              run: Callable[[], torch.Tensor] | None = None, stop_if_took: bool = False,
+              run: Callable[[], torch.Tensor] | None = None, stop: Callable[[bool], bool] | None = None,
               ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]] | None:
         """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, and the
         keys the re-solved ones were solved at (target name -> (n, d_in)).
 
         ``run`` gives the logits at the target positions (the tail from cached prefix states). With
-        ``stop_if_took``, None when the forward shows every target token already greedy under ``so_far``
-        (then no backward runs: the check of the edit so far is this pass's own forward).
+        ``stop``, the forward's verdict (is every target token already greedy under ``so_far``?) is passed
+        to it, and None is returned when it says stop (then no backward runs: the check of the edit so far
+        is this pass's own forward).
 
         ``request_of_row`` (B,): the request of each batch row. Each request's gradient is the one it
         would have alone (a batch of facts is not a batch-mean loss, which would shrink every fact's
@@ -182,12 +183,12 @@ class MendEditor:
 
         labels = target_labels(batch)  # (N,)
 
-        def took(logits: torch.Tensor) -> bool:  # (N, V) at the target positions
-            return bool((logits.argmax(-1) == labels).all())
+        def took_and_stop(logits: torch.Tensor) -> bool:  # (N, V) at the target positions
+            return stop(bool((logits.argmax(-1) == labels).all()))
 
         with added_updates(model, _joined(so_far)):  # output layer at targets only
             factors = capture_factors(model, self.targets, batch, run=run, loss_fn=loss_fn,
-                                      stop=took if stop_if_took else None)
+                                      stop=took_and_stop if stop is not None else None)
         if factors is None:
             return None
         keys = {}
@@ -269,10 +270,19 @@ class MendEditor:
         def run() -> torch.Tensor:  # (N, V)
             return tail_logits(model, first, states, batch.attention_mask, select)
 
+        extra = [self.config.extra_passes]  # passes still to run once the prompt has taken
+
+        def stop(took: bool) -> bool:
+            if not took:
+                return False
+            extra[0] -= 1
+            return extra[0] < 0
+
         while True:
             # from the second pass on, its forward is also the check: stop once every target token is greedy
+            # (and config.extra_passes more have run)
             found = self._pass(model, batch, so_far, inverses, request_of_row, mean_keys, run=run,
-                               stop_if_took=passes > 0)
+                               stop=stop if passes > 0 else None)
             if found is None:
                 break
             updates, keys = found
@@ -289,6 +299,8 @@ class MendEditor:
             meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
         if self.config.pass_scale != 1:
             meta["pass_scale"] = f"{self.config.pass_scale:g}"
+        if self.config.extra_passes:
+            meta["extra_passes"] = str(self.config.extra_passes)
         if self.config.gradient_scale != 1:
             meta["gradient_scale"] = f"{self.config.gradient_scale:g}"
         if self.config.edit_prefixes:

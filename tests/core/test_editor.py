@@ -118,6 +118,30 @@ def test_refinement_passes_until_the_target_is_greedy(tiny_llama, tiny_tokenizer
     assert {u.rank for u in many.updates.values()} == {4 * u.rank for u in one.updates.values()}
 
 
+def test_extra_passes_run_after_the_prompt_takes(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    f = facts[0]
+    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
+    with torch.no_grad():
+        top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
+    req = [EditRequest(f["prompt"], tiny_tokenizer.decode([top]))]  # taken already: the check says so each pass
+    deltas = {}
+    for extra in (0, 2):
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=5, refine_seconds=60,
+                                                        extra_passes=extra))
+        deltas[extra] = editor.compute_delta(tiny_llama, tiny_tokenizer, req)
+    assert deltas[0].meta["passes"] == "1" and "extra_passes" not in deltas[0].meta
+    assert deltas[2].meta["passes"] == "3" and deltas[2].meta["extra_passes"] == "2"
+    # the first pass is the same edit; the extra ones add their rows
+    for name, upd in deltas[2].updates.items():
+        assert upd.rank == 3 * deltas[0].updates[name].rank
+        torch.testing.assert_close(upd.u[: deltas[0].updates[name].rank], deltas[0].updates[name].u)
+    # refine_passes still bounds them: at most 1 + refine_passes passes
+    capped = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=1, refine_seconds=60,
+                                                    extra_passes=4)).compute_delta(tiny_llama, tiny_tokenizer, req)
+    assert capped.meta["passes"] == "2"
+
+
 def test_passes_run_the_unedited_blocks_once_and_check_in_the_next_pass_s_forward(tiny_llama, tiny_tokenizer, facts):
     """The blocks below the first edited one run once per edit, whatever the passes; a pass's forward is
     also the check of the edit so far (no separate forward for it)."""
@@ -204,7 +228,7 @@ def test_statistics_re_solve_the_covered_targets_only(tiny_llama, tiny_tokenizer
 
 
 def test_config_refuses_negative_settings():
-    for bad in ({"refine_passes": -1}, {"refine_passes": 1.5}, {"preserve_lambda": -2.0}, {"refine_seconds": -1},
+    for bad in ({"refine_passes": -1}, {"refine_passes": 1.5}, {"extra_passes": -1}, {"extra_passes": True}, {"preserve_lambda": -2.0}, {"refine_seconds": -1},
                 {"pass_scale": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             MendConfig(**bad)
