@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         changes["edit_targets"] = [] if changes["edit_targets"] == "all" else [
             t.name for t in trained if t.name in out_proj]
     editor = MendEditor.load(shipped, stack, settings=changes)  # statistics from beside it when it re-solves
-    records = load_records(args.data)
+    records = load_records(args.data, skip_empty=True)  # zsRE holds two questions with no new answer
     out = Path(f"runs/variants/mend-{args.name}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     base = {"name": args.name, "editor": str(shipped), **{k: getattr(editor.config, k) for k in TUNABLE},
