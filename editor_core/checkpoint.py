@@ -65,6 +65,9 @@ def write_settings(path: str | Path, settings: dict) -> MendConfig:
     unknown = sorted(set(settings) - set(INFERENCE_FIELDS))
     if unknown:
         raise ValueError(f"{unknown} are not inference settings of a MEND editor ({', '.join(INFERENCE_FIELDS)})")
+    stray = sorted(set(settings.get("edit_targets", [])) - set(config.targets)) if config.targets else []
+    if stray:
+        raise ValueError(f"edit_targets {stray} are not among the editor's targets {config.targets}")
     config = replace(config, **settings)  # runs MendConfig's checks before anything is written
     doc = json.loads((d / CONFIG).read_text())
     doc["mend"] = config.to_dict()
