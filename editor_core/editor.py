@@ -24,7 +24,7 @@ from editor_core.delta import EditDelta, LowRankUpdate
 from editor_core.fingerprint import model_fingerprint, weights_fingerprint
 from editor_core.functional_edit import added_updates
 from editor_core.grads import TokenFactors, capture_factors
-from editor_core.methods.values import subject_keys
+from editor_core.methods.values import SubjectKeyReader
 from editor_core.models import device_of
 from editor_core.nets import MendNets
 from editor_core.preserved_solve import KeptInverse, preserved_inverse, preserved_update
@@ -217,20 +217,25 @@ class MendEditor:
         found = [(i, self.stack.delta_of(i).keys.get(name)) for i in self.stack.active_ids]
         return [(i, k) for i, k in found if k is not None]
 
-    def _mean_keys(self, model: nn.Module, tokenizer, requests: list[EditRequest]
+    def _mean_keys(self, model: nn.Module, tokenizer, requests: list[EditRequest], first: int
                    ) -> Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """A reader of each request's key at every re-solved target, averaged over the bare prompt and the
         prompt behind each of ``config.key_prefixes`` (a request without its subject in the prompt: the
-        bare prompt's last factor token, as without prefixes)."""
+        bare prompt's last factor token, as without prefixes). The edit writes blocks ``first..`` only,
+        so what enters block ``first`` is computed once, and each read runs blocks ``first`` to the last
+        re-solved target's."""
         prefixes = ("", *self.config.key_prefixes)
         targets = [t for t in self.targets if t.name in self.preserved]
         with_subject = [i for i, r in enumerate(requests) if r.subject and r.subject in r.prompt]
         index = torch.tensor(with_subject, dtype=torch.long, device=device_of(model))  # (m,)
+        if not with_subject:
+            return lambda: (index, {t.name: torch.zeros(0, t.d_in, device=index.device) for t in targets})
+        reader = SubjectKeyReader(model, tokenizer, [(requests[i].prompt, requests[i].subject) for i in with_subject],
+                                  targets, prefixes, first)
 
         def read() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             # (m * P, d_in) per target, fact-major; averaged over the P wordings: (m, d_in)
-            found = subject_keys(model, tokenizer, [(requests[i].prompt, requests[i].subject) for i in with_subject],
-                                 targets, prefixes)
+            found = reader.read()
             return index, {name: k.view(len(with_subject), len(prefixes), -1).mean(1) for name, k in found.items()}
 
         return read
@@ -261,9 +266,10 @@ class MendEditor:
                     for name, kept in self.preserved.items()}
         passes, journaled = 0, {}
         request_of_row = torch.arange(len(rows), device=device) // len(wordings)  # (B,) rows are request-major
-        mean_keys = self._mean_keys(model, tokenizer, requests) if self.config.key_prefixes and self.preserved else None
         # the edit writes only blocks first.. : what enters block ``first`` is the same in every pass
         first = min(t.block for t in self.targets)
+        mean_keys = (self._mean_keys(model, tokenizer, requests, first)
+                     if self.config.key_prefixes and self.preserved else None)
         states = prefix_states(model, batch.input_ids, batch.attention_mask, first)  # (B, T, d)
         select = target_positions(batch)  # (B, T)
 

@@ -58,6 +58,37 @@ def prefix_states(
     return captured[0]
 
 
+@torch.no_grad()
+def run_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, until: int) -> None:
+    """Run blocks ``0..until-1`` on ``input_ids`` (B, T), for the hooks a caller has on modules inside them;
+    the blocks from ``until`` on and the head never run (``until`` may be the number of blocks)."""
+    if until < len(blocks_of(model)):
+        prefix_states(model, input_ids, attention_mask, until)
+    else:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+@torch.no_grad()
+def run_blocks(
+    model: nn.Module, first: int, states: torch.Tensor, attention_mask: torch.Tensor, until: int
+) -> None:
+    """Run blocks ``first..until-1`` from ``states`` (B, T, d) entering block ``first``, for the hooks a
+    caller has on modules inside them; the blocks from ``until`` on and the head never run."""
+    dummy = torch.zeros_like(states)
+    with _only_tail(model, first), block_input_hook(model, 0, lambda _h: states):
+        if until - first < len(blocks_of(model)):
+            def stop(_h: torch.Tensor) -> torch.Tensor:
+                raise _StopForward
+
+            with block_input_hook(model, until - first, stop):
+                try:
+                    model.base_model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False)
+                except _StopForward:
+                    pass
+        else:
+            model.base_model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False)
+
+
 @contextmanager
 def _only_tail(model: nn.Module, first: int) -> Iterator[None]:
     path = family_of(model).blocks

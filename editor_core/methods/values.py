@@ -37,7 +37,7 @@ from torch import nn
 from editor_core.batching import IGNORE, pad_id, prompt_ids_and_subject, right_pad, target_ids
 from editor_core.delta import LowRankUpdate
 from editor_core.requests import EditRequest
-from editor_core.tail import SplitTail, prefix_states, tail_logits
+from editor_core.tail import SplitTail, prefix_states, run_blocks, run_until, tail_logits
 from editor_core.targets import Target
 
 log = logging.getLogger(__name__)
@@ -406,6 +406,44 @@ def keys_and_states(model: nn.Module, tokenizer, requests: list[EditRequest], ta
     return keys, state
 
 
+def _subject_rows(tokenizer, facts: list[tuple[str, str]], prefixes: tuple[str, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each fact behind each prefix, fact-major: ids and mask (B, T), right-padded, and the subject's last
+    token of each row (B,)."""
+    seqs, pos = [], []
+    for prompt, subject in facts:
+        for p in prefixes:
+            ids, at = _subject_last(tokenizer, p + prompt, subject)
+            seqs.append(ids)
+            pos.append(at)
+    ids, mask = right_pad(seqs, pad_id(tokenizer), device)  # (B, T)
+    return ids, mask, torch.tensor(pos, device=device)
+
+
+@contextmanager
+def _grabbing_keys(model: nn.Module, targets: list[Target], at: torch.Tensor,
+                   out: dict[str, list[torch.Tensor]]) -> Iterator[None]:
+    """While open, every forward appends each target's input at row ``b``'s position ``at[b]`` (B, d_in)."""
+    rows = torch.arange(len(at), device=at.device)
+
+    def grab(name):
+        def hook(_module, inputs):
+            out[name].append(inputs[0][rows, at].float())  # (B, d_in)
+        return hook
+
+    handles = [model.get_submodule(t.name).register_forward_pre_hook(grab(t.name)) for t in targets]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _joined_keys(out: dict[str, list[torch.Tensor]], targets: list[Target], device) -> dict[str, torch.Tensor]:
+    return {name: (torch.cat(parts) if parts else torch.zeros(0, t.d_in, device=device))
+            for (name, parts), t in zip(out.items(), targets, strict=True)}
+
+
 @torch.no_grad()
 def subject_keys(model: nn.Module, tokenizer, facts: list[tuple[str, str]], targets: list[Target],
                  prefixes: tuple[str, ...], chunk: int = 64) -> dict[str, torch.Tensor]:
@@ -419,29 +457,38 @@ def subject_keys(model: nn.Module, tokenizer, facts: list[tuple[str, str]], targ
     out: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
     last = max(t.block for t in targets)
     for start in range(0, len(facts), chunk):
-        seqs, pos = [], []
-        for prompt, subject in facts[start:start + chunk]:
-            for p in prefixes:
-                ids, at = _subject_last(tokenizer, p + prompt, subject)
-                seqs.append(ids)
-                pos.append(at)
-        ids, mask = right_pad(seqs, pad_id(tokenizer), device)  # (B, T)
-        at = torch.tensor(pos, device=device)  # (B,)
-        rows = torch.arange(len(seqs), device=device)
+        ids, mask, at = _subject_rows(tokenizer, facts[start:start + chunk], prefixes, device)
+        with _grabbing_keys(model, targets, at, out):
+            run_until(model, ids, mask, last + 1)
+    return _joined_keys(out, targets, device)
 
-        def grab(name, rows=rows, at=at):
-            def hook(_module, inputs):
-                out[name].append(inputs[0][rows, at].float())  # (B, d_in)
-            return hook
 
-        handles = [model.get_submodule(t.name).register_forward_pre_hook(grab(t.name)) for t in targets]
-        try:
-            prefix_states(model, ids, mask, last + 1)
-        finally:
-            for h in handles:
-                h.remove()
-    return {name: (torch.cat(parts) if parts else torch.zeros(0, t.d_in, device=device))
-            for (name, parts), t in zip(out.items(), targets, strict=True)}
+class SubjectKeyReader:
+    """:func:`subject_keys` of fixed facts, read again and again while the weights change only from block
+    ``first`` on (MEND's passes with ``key_prefixes``, which re-solve at the keys the edit so far leaves).
+
+    The facts are tokenised, and the hidden states entering block ``first`` computed, once; each
+    :meth:`read` runs only blocks ``first`` to the last target's. The weights below ``first`` must not
+    change between reads.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, facts: list[tuple[str, str]], targets: list[Target],
+                 prefixes: tuple[str, ...], first: int):
+        if first > min(t.block for t in targets):
+            raise ValueError(f"block {first} is after a target's block: its key would not be re-read")
+        device = next(model.parameters()).device
+        self.model, self.targets, self.first = model, targets, first
+        self.until = max(t.block for t in targets) + 1
+        ids, self.mask, self.at = _subject_rows(tokenizer, facts, prefixes, device)
+        self.states = prefix_states(model, ids, self.mask, first)  # (B, T, d)
+
+    @torch.no_grad()
+    def read(self) -> dict[str, torch.Tensor]:
+        """``{name: (n * P, d_in)}`` on the current weights, rows as :func:`subject_keys` orders them."""
+        out: dict[str, list[torch.Tensor]] = {t.name: [] for t in self.targets}
+        with _grabbing_keys(self.model, self.targets, self.at, out):
+            run_blocks(self.model, self.first, self.states, self.mask, self.until)
+        return _joined_keys(out, self.targets, self.states.device)
 
 
 @torch.no_grad()

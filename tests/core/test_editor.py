@@ -380,3 +380,7 @@ def test_key_prefixes_re_solve_at_the_subject_key_averaged_over_wordings(tiny_ll
     torch.testing.assert_close(b.keys[covered][1], a.keys[covered][1])
     assert not torch.allclose(a.updates[covered].dense(), b.updates[covered].dense())
     assert b.meta["key_prefixes"] == "1" and "key_prefixes" not in a.meta
+    # no request names a subject: every key is the bare prompt's, as without prefixes
+    none = [EditRequest(f["prompt"], f["target_new"]) for f in facts[:2]]
+    a, b = bare.compute_delta(tiny_llama, tiny_tokenizer, none), mean.compute_delta(tiny_llama, tiny_tokenizer, none)
+    torch.testing.assert_close(b.keys[covered], a.keys[covered])

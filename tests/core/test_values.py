@@ -90,3 +90,30 @@ def test_rows_longer_than_a_sliding_window_are_not_cut(tiny_llama, tiny_tokenize
     assert ValueProblem(tiny_llama, tiny_tokenizer, requests(facts, 2), LAYER, value_config()).split is None
     tiny_llama.config.sliding_window = 4096
     assert ValueProblem(tiny_llama, tiny_tokenizer, requests(facts, 2), LAYER, value_config()).split is not None
+
+
+@pytest.mark.parametrize("blocks", [[1, 2], [1, 3]])  # stops after block 2; runs to the last block
+def test_a_key_reader_reads_what_subject_keys_reads_as_the_weights_change(tiny_model, tiny_tokenizer, facts, blocks):
+    from editor_core.methods.values import SubjectKeyReader, subject_keys
+    from editor_core.targets import resolve_targets
+
+    targets = resolve_targets(tiny_model, blocks=blocks)
+    known = [(f"About {f['subject']}", f["subject"]) for f in facts[:3]]
+    prefixes = ("", "Note: ")
+    reader = SubjectKeyReader(tiny_model, tiny_tokenizer, known, targets, prefixes, first=1)
+    before = subject_keys(tiny_model, tiny_tokenizer, known, targets, prefixes)
+    got = reader.read()
+    for t in targets:
+        assert got[t.name].shape == (len(known) * len(prefixes), t.d_in)
+        torch.testing.assert_close(got[t.name], before[t.name], atol=1e-5, rtol=1e-4)
+    # a change at block 1 (at or after the reader's first block) reaches the keys of the later targets
+    first = targets[0]
+    with torch.no_grad():
+        tiny_model.get_submodule(first.name).weight.mul_(1.5)
+    after, got = subject_keys(tiny_model, tiny_tokenizer, known, targets, prefixes), reader.read()
+    last = targets[-1].name
+    assert not torch.allclose(after[last], before[last])
+    for t in targets:
+        torch.testing.assert_close(got[t.name], after[t.name], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="after a target"):
+        SubjectKeyReader(tiny_model, tiny_tokenizer, known, targets, prefixes, first=2)
