@@ -218,18 +218,18 @@ class MendEditor:
         return [(i, k) for i, k in found if k is not None]
 
     def _mean_keys(self, model: nn.Module, tokenizer, requests: list[EditRequest], first: int
-                   ) -> Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+                   ) -> Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None:
         """A reader of each request's key at every re-solved target, averaged over the bare prompt and the
         prompt behind each of ``config.key_prefixes`` (a request without its subject in the prompt: the
         bare prompt's last factor token, as without prefixes). The edit writes blocks ``first..`` only,
         so what enters block ``first`` is computed once, and each read runs blocks ``first`` to the last
-        re-solved target's."""
+        re-solved target's. None when no request names a subject in its prompt: every key stays bare."""
         prefixes = ("", *self.config.key_prefixes)
         targets = [t for t in self.targets if t.name in self.preserved]
         with_subject = [i for i, r in enumerate(requests) if r.subject and r.subject in r.prompt]
-        index = torch.tensor(with_subject, dtype=torch.long, device=device_of(model))  # (m,)
         if not with_subject:
-            return lambda: (index, {t.name: torch.zeros(0, t.d_in, device=index.device) for t in targets})
+            return None
+        index = torch.tensor(with_subject, dtype=torch.long, device=device_of(model))  # (m,)
         reader = SubjectKeyReader(model, tokenizer, [(requests[i].prompt, requests[i].subject) for i in with_subject],
                                   targets, prefixes, first)
 

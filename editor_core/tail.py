@@ -4,14 +4,15 @@ MEND edits the last few blocks, so during training the blocks before the first e
 the same thing for a text every time. ``prefix_states`` computes the hidden state entering block
 ``first`` once; ``tail_logits`` runs blocks ``first..`` plus the head from it. Both work for every
 family in :mod:`editor_core.targets` with one mechanism: a forward pre-hook that swaps the input of a
-block, and a temporary block list holding only the tail.
+block, and a temporary block list holding only the tail. ``run_until`` and ``run_blocks`` run a span of
+blocks only, for hooks that read inside them (the keys of locate-then-edit methods and MEND's re-solve).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -74,19 +75,18 @@ def run_blocks(
 ) -> None:
     """Run blocks ``first..until-1`` from ``states`` (B, T, d) entering block ``first``, for the hooks a
     caller has on modules inside them; the blocks from ``until`` on and the head never run."""
+
+    def stop(_h: torch.Tensor) -> torch.Tensor:
+        raise _StopForward
+
     dummy = torch.zeros_like(states)
     with _only_tail(model, first), block_input_hook(model, 0, lambda _h: states):
-        if until - first < len(blocks_of(model)):
-            def stop(_h: torch.Tensor) -> torch.Tensor:
-                raise _StopForward
-
-            with block_input_hook(model, until - first, stop):
-                try:
-                    model.base_model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False)
-                except _StopForward:
-                    pass
-        else:
-            model.base_model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False)
+        stopper = block_input_hook(model, until - first, stop) if until - first < len(blocks_of(model)) else nullcontext()
+        with stopper:
+            try:
+                model.base_model(inputs_embeds=dummy, attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
 
 
 @contextmanager
