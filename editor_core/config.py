@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
                     "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes",
-                    "extra_passes")
+                    "extra_passes", "extra_scale", "key_reads")
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -27,7 +27,7 @@ def parse_setting(item: str) -> tuple[str, object]:
     if name in ("edit_prefixes", "key_prefixes"):  # e.g. "The following is true. |I read that "
         value: object = [x for x in text.split("|") if x]
     else:
-        value = {"refine_passes": int, "extra_passes": int, "preserve_keys": str}.get(name, float)(text)
+        value = {"refine_passes": int, "extra_passes": int, "preserve_keys": str, "key_reads": str}.get(name, float)(text)
     # MendConfig's own checks, on a config that re-solves at the last key
     MendConfig(**{"preserve_lambda": 1.0, "preserve_keys": "last", name: value})
     return name, value
@@ -73,6 +73,9 @@ class MendConfig:
     # refine_seconds): the passes otherwise stop at the bare prompt's threshold, which rephrasings, whose
     # keys differ a little, do not all reach
     extra_passes: int = 0
+    # each of those extra passes is written at pass_scale times this (one extra pass at 2 is about the
+    # size of two at 1, for one forward/backward instead of two)
+    extra_scale: float = 1.0
     # each pass's update is written times this: below 1, smaller steps that re-read the model more often
     # (one pass scaled up saturates: docs/MEND.md, "MEND that takes"), with more passes to reach the target
     pass_scale: float = 1.0
@@ -90,6 +93,10 @@ class MendConfig:
     # over the bare prompt and the prompt behind each of these prefixes, as MEMIT reads its keys, instead
     # of the bare prompt's alone (requests without a subject in their prompt keep the bare key)
     key_prefixes: list[str] = field(default_factory=list)
+    # with key_prefixes: "every_pass" reads the averaged keys again on the model as each pass leaves it;
+    # "first_pass" reads them once, and later passes add that first read's offset from the bare prompt's
+    # key to the bare key their own forward holds (the edit moves every wording's key about alike)
+    key_reads: str = "every_pass"
 
     def __post_init__(self) -> None:
         if self.factor_tokens not in ("all", "subject"):
@@ -103,7 +110,9 @@ class MendConfig:
         for name in ("preserve_lambda", "preserve_keep", "refine_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
-        for name in ("pass_scale", "gradient_scale"):
+        if self.key_reads not in ("every_pass", "first_pass"):
+            raise ValueError(f"key_reads must be 'every_pass' or 'first_pass', got {self.key_reads!r}")
+        for name in ("pass_scale", "gradient_scale", "extra_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if self.edit_prefixes and self.preserve_lambda > 0 and self.preserve_keys != "last":

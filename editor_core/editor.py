@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 # serve an editor whose targets are those methods' layers with no second copy
 STATS_FILE = "mend_keystats.safetensors"
 
+# key_prefixes' reader: given a pass's bare keys (target -> (n, d_in)), the requests that have a subject
+# (m,) and their keys averaged over the wordings (target -> (m, d_in))
+MeanKeys = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
 
 class MendEditor:
     """Computes MEND edits for the targets of one model; never mutates the model."""
@@ -158,7 +162,7 @@ class MendEditor:
 
     def _pass(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]],
               inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor,
-              mean_keys: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
+              mean_keys: MeanKeys | None = None,
               run: Callable[[], torch.Tensor] | None = None, stop: Callable[[bool], bool] | None = None,
               ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]] | None:
         """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, and the
@@ -173,7 +177,8 @@ class MendEditor:
         would have alone (a batch of facts is not a batch-mean loss, which would shrink every fact's
         gradient by their number below what the nets were trained on), and each key of the re-solve
         asks for what its own request's proposal does there. ``mean_keys`` (``key_prefixes``), run on
-        the model as ``so_far`` leaves it, gives the keys to re-solve at instead of the bare prompts'.
+        the model as ``so_far`` leaves it with this pass's bare keys, gives the keys to re-solve at
+        instead of the bare prompts'.
         """
         per_request = per_request_target_nll(request_of_row)
         scale = self.config.gradient_scale
@@ -191,20 +196,19 @@ class MendEditor:
                                       stop=took_and_stop if stop is not None else None)
         if factors is None:
             return None
-        keys = {}
         with torch.no_grad():
+            rows = last_of_each_row(factors.row) if self.config.preserve_keys == "last" else slice(None)
+            keys = {name: factors.x[name][rows] for name in inverses}  # (n, d_in) each
             if mean_keys is not None:
                 with added_updates(model, _joined(so_far)):
-                    index, averaged = mean_keys()  # (m,) requests with a subject, their (m, d_in) keys
+                    index, averaged = mean_keys(keys)  # (m,) requests with a subject, their (m, d_in) keys
+                for name in keys:
+                    keys[name] = keys[name].clone()
+                    keys[name][index] = averaged[name].to(keys[name].dtype)
             updates = self.updates_from_factors(factors)
-            rows = last_of_each_row(factors.row) if self.config.preserve_keys == "last" else slice(None)
             factor_owner = request_of_row[factors.row]  # (N,)
             owners = (factor_owner[rows], factor_owner)
             for name, inverse in inverses.items():
-                keys[name] = factors.x[name][rows]  # (n, d_in)
-                if mean_keys is not None:
-                    keys[name] = keys[name].clone()
-                    keys[name][index] = averaged[name].to(keys[name].dtype)
                 updates[name] = preserved_update(updates[name], keys[name], inverse, owners)
         scale = self.config.pass_scale
         return {n: LowRankUpdate((scale * u.u if scale != 1 else u.u).detach(), u.v.detach())
@@ -218,12 +222,14 @@ class MendEditor:
         return [(i, k) for i, k in found if k is not None]
 
     def _mean_keys(self, model: nn.Module, tokenizer, requests: list[EditRequest], first: int
-                   ) -> Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None:
+                   ) -> MeanKeys | None:
         """A reader of each request's key at every re-solved target, averaged over the bare prompt and the
         prompt behind each of ``config.key_prefixes`` (a request without its subject in the prompt: the
         bare prompt's last factor token, as without prefixes). The edit writes blocks ``first..`` only,
         so what enters block ``first`` is computed once, and each read runs blocks ``first`` to the last
-        re-solved target's. None when no request names a subject in its prompt: every key stays bare."""
+        re-solved target's. With ``config.key_reads`` "first_pass" only the first call reads; later
+        ones add its offset from the bare keys it was given to theirs. None when no request names a
+        subject in its prompt: every key stays bare."""
         prefixes = ("", *self.config.key_prefixes)
         targets = [t for t in self.targets if t.name in self.preserved]
         with_subject = [i for i, r in enumerate(requests) if r.subject and r.subject in r.prompt]
@@ -233,10 +239,19 @@ class MendEditor:
         reader = SubjectKeyReader(model, tokenizer, [(requests[i].prompt, requests[i].subject) for i in with_subject],
                                   targets, prefixes, first)
 
-        def read() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        offset: dict[str, torch.Tensor] = {}  # target -> (m, d_in): averaged minus bare, first pass
+        once = self.config.key_reads == "first_pass"
+
+        def read(bare: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            # bare: target -> (n, d_in), this pass's key of each request on its bare prompt
+            if once and offset:
+                return index, {name: bare[name][index] + offset[name] for name in offset}
             # (m * P, d_in) per target, fact-major; averaged over the P wordings: (m, d_in)
             found = reader.read()
-            return index, {name: k.view(len(with_subject), len(prefixes), -1).mean(1) for name, k in found.items()}
+            averaged = {name: k.view(len(with_subject), len(prefixes), -1).mean(1) for name, k in found.items()}
+            if once:
+                offset.update({name: k - bare[name][index].to(k.dtype) for name, k in averaged.items()})
+            return index, averaged
 
         return read
 
@@ -276,27 +291,30 @@ class MendEditor:
         def run() -> torch.Tensor:  # (N, V)
             return tail_logits(model, first, states, batch.attention_mask, select)
 
-        extra = [self.config.extra_passes]  # passes still to run once the prompt has taken
+        # once the prompt has taken, config.extra_passes more passes run (each at extra_scale) and the edit
+        # stops right after the last of them, with no forward to check it again
+        extra = {"run": 0, "this": False}
 
         def stop(took: bool) -> bool:
-            if not took:
-                return False
-            extra[0] -= 1
-            return extra[0] < 0
+            extra["this"] = took
+            return took and self.config.extra_passes == 0
 
         while True:
             # from the second pass on, its forward is also the check: stop once every target token is greedy
-            # (and config.extra_passes more have run)
             found = self._pass(model, batch, so_far, inverses, request_of_row, mean_keys, run=run,
                                stop=stop if passes > 0 else None)
             if found is None:
                 break
             updates, keys = found
+            size = self.config.extra_scale if extra["this"] else 1.0
             for name, upd in updates.items():
-                so_far[name].append(upd)
+                so_far[name].append(LowRankUpdate(upd.u * size, upd.v) if size != 1 else upd)
             # the first pass's keys, where the facts were before this edit; the bare prompts' only
             journaled = journaled or {n: k[:: len(wordings)] for n, k in keys.items()}
             passes += 1
+            extra["run"] += extra["this"]
+            if extra["run"] >= self.config.extra_passes > 0:
+                break
             if passes > self.config.refine_passes or time.perf_counter() > deadline:
                 break
         meta = {"method": self.method, "editor": self.editor_id, "n_requests": str(len(requests)),
@@ -307,12 +325,16 @@ class MendEditor:
             meta["pass_scale"] = f"{self.config.pass_scale:g}"
         if self.config.extra_passes:
             meta["extra_passes"] = str(self.config.extra_passes)
+            if self.config.extra_scale != 1:
+                meta["extra_scale"] = f"{self.config.extra_scale:g}"
         if self.config.gradient_scale != 1:
             meta["gradient_scale"] = f"{self.config.gradient_scale:g}"
         if self.config.edit_prefixes:
             meta["edit_prefixes"] = str(len(self.config.edit_prefixes))
         if mean_keys is not None:
             meta["key_prefixes"] = str(len(self.config.key_prefixes))
+            if self.config.key_reads != "every_pass":
+                meta["key_reads"] = self.config.key_reads
         return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
 
 
