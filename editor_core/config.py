@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
                     "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes",
-                    "extra_passes", "extra_scale", "key_reads")
+                    "extra_passes", "key_reads")
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -73,9 +73,6 @@ class MendConfig:
     # refine_seconds): the passes otherwise stop at the bare prompt's threshold, which rephrasings, whose
     # keys differ a little, do not all reach
     extra_passes: int = 0
-    # each of those extra passes is written at pass_scale times this (one extra pass at 2 is about the
-    # size of two at 1, for one forward/backward instead of two)
-    extra_scale: float = 1.0
     # each pass's update is written times this: below 1, smaller steps that re-read the model more often
     # (one pass scaled up saturates: docs/MEND.md, "MEND that takes"), with more passes to reach the target
     pass_scale: float = 1.0
@@ -112,7 +109,7 @@ class MendConfig:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
         if self.key_reads not in ("every_pass", "first_pass"):
             raise ValueError(f"key_reads must be 'every_pass' or 'first_pass', got {self.key_reads!r}")
-        for name in ("pass_scale", "gradient_scale", "extra_scale"):
+        for name in ("pass_scale", "gradient_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if self.edit_prefixes and self.preserve_lambda > 0 and self.preserve_keys != "last":

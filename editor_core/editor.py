@@ -291,13 +291,13 @@ class MendEditor:
         def run() -> torch.Tensor:  # (N, V)
             return tail_logits(model, first, states, batch.attention_mask, select)
 
-        # once the prompt has taken, config.extra_passes more passes run (each at extra_scale) and the edit
-        # stops right after the last of them, with no forward to check it again
-        extra = {"run": 0, "this": False}
+        extra = [self.config.extra_passes]  # passes still to run once the prompt has taken
 
         def stop(took: bool) -> bool:
-            extra["this"] = took
-            return took and self.config.extra_passes == 0
+            if not took:
+                return False
+            extra[0] -= 1
+            return extra[0] < 0
 
         while True:
             # from the second pass on, its forward is also the check: stop once every target token is greedy
@@ -306,15 +306,11 @@ class MendEditor:
             if found is None:
                 break
             updates, keys = found
-            size = self.config.extra_scale if extra["this"] else 1.0
             for name, upd in updates.items():
-                so_far[name].append(LowRankUpdate(upd.u * size, upd.v) if size != 1 else upd)
+                so_far[name].append(upd)
             # the first pass's keys, where the facts were before this edit; the bare prompts' only
             journaled = journaled or {n: k[:: len(wordings)] for n, k in keys.items()}
             passes += 1
-            extra["run"] += extra["this"]
-            if extra["run"] >= self.config.extra_passes > 0:
-                break
             if passes > self.config.refine_passes or time.perf_counter() > deadline:
                 break
         meta = {"method": self.method, "editor": self.editor_id, "n_requests": str(len(requests)),
@@ -325,8 +321,6 @@ class MendEditor:
             meta["pass_scale"] = f"{self.config.pass_scale:g}"
         if self.config.extra_passes:
             meta["extra_passes"] = str(self.config.extra_passes)
-            if self.config.extra_scale != 1:
-                meta["extra_scale"] = f"{self.config.extra_scale:g}"
         if self.config.gradient_scale != 1:
             meta["gradient_scale"] = f"{self.config.gradient_scale:g}"
         if self.config.edit_prefixes:

@@ -142,42 +142,6 @@ def test_extra_passes_run_after_the_prompt_takes(tiny_llama, tiny_tokenizer, fac
     assert capped.meta["passes"] == "2"
 
 
-def test_the_last_extra_pass_is_not_checked_again_and_extra_scale_sizes_the_extra_passes(tiny_llama, tiny_tokenizer,
-                                                                                         facts):
-    from editor_core.targets import blocks_of
-
-    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
-    f = facts[0]
-    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
-    with torch.no_grad():
-        top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
-    req = [EditRequest(f["prompt"], tiny_tokenizer.decode([top]))]  # taken already: every pass's check says so
-    last = blocks_of(tiny_llama)[-1]
-    forwards, deltas, calls = [], {}, [0]
-    hook = last.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    try:
-        for size in (1.0, 2.0):
-            calls[0] = 0
-            editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=5, refine_seconds=60,
-                                                            extra_passes=2, extra_scale=size))
-            deltas[size] = editor.compute_delta(tiny_llama, tiny_tokenizer, req)
-            forwards.append(calls[0])
-    finally:
-        hook.remove()
-    # three passes, three forwards: the second and third passes' forwards were the checks, and no fourth
-    # forward checks the edit after the last extra pass
-    assert [d.meta["passes"] for d in deltas.values()] == ["3", "3"] and forwards == [3, 3]
-    assert deltas[2.0].meta["extra_scale"] == "2" and "extra_scale" not in deltas[1.0].meta
-    for name, upd in deltas[2.0].updates.items():
-        one = deltas[1.0].updates[name]
-        r = one.rank // 3  # each pass's rows, in pass order
-        torch.testing.assert_close(upd.u[:r], one.u[:r])  # the first pass is not an extra one
-        torch.testing.assert_close(upd.u[r:], 2 * one.u[r:])
-        torch.testing.assert_close(upd.v, one.v)
-    with pytest.raises(ValueError, match="extra_scale"):
-        MendConfig(extra_scale=0.0)
-
-
 def test_passes_run_the_unedited_blocks_once_and_check_in_the_next_pass_s_forward(tiny_llama, tiny_tokenizer, facts):
     """The blocks below the first edited one run once per edit, whatever the passes; a pass's forward is
     also the check of the edit so far (no separate forward for it)."""
