@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
                     "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes",
-                    "extra_passes", "key_reads")
+                    "extra_passes", "key_reads", "first_pass_times")
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -76,6 +76,9 @@ class MendConfig:
     # each pass's update is written times this: below 1, smaller steps that re-read the model more often
     # (one pass scaled up saturates: docs/MEND.md, "MEND that takes"), with more passes to reach the target
     pass_scale: float = 1.0
+    # the first pass, on the unedited model, is written at pass_scale times this: a larger first step
+    # where the gradient is the edit's own, then the smaller refinement passes (fewer passes to the target)
+    first_pass_times: float = 1.0
     # the edit is also made, and checked, behind each of these prefixes (one more batch row each), as
     # MEMIT reads its value behind several prefixes, so that the edit is not made for its one wording
     # only; later edits keep the bare prompt's keys. Needs preserve_keys "last" when re-solving
@@ -109,7 +112,7 @@ class MendConfig:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
         if self.key_reads not in ("every_pass", "first_pass"):
             raise ValueError(f"key_reads must be 'every_pass' or 'first_pass', got {self.key_reads!r}")
-        for name in ("pass_scale", "gradient_scale"):
+        for name in ("pass_scale", "gradient_scale", "first_pass_times"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if self.edit_prefixes and self.preserve_lambda > 0 and self.preserve_keys != "last":

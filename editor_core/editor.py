@@ -306,8 +306,9 @@ class MendEditor:
             if found is None:
                 break
             updates, keys = found
+            size = self.config.first_pass_times if passes == 0 else 1.0
             for name, upd in updates.items():
-                so_far[name].append(upd)
+                so_far[name].append(LowRankUpdate(size * upd.u, upd.v) if size != 1 else upd)
             # the first pass's keys, where the facts were before this edit; the bare prompts' only
             journaled = journaled or {n: k[:: len(wordings)] for n, k in keys.items()}
             passes += 1
@@ -319,6 +320,8 @@ class MendEditor:
             meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
         if self.config.pass_scale != 1:
             meta["pass_scale"] = f"{self.config.pass_scale:g}"
+        if self.config.first_pass_times != 1:
+            meta["first_pass_times"] = f"{self.config.first_pass_times:g}"
         if self.config.extra_passes:
             meta["extra_passes"] = str(self.config.extra_passes)
         if self.config.gradient_scale != 1:

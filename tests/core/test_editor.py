@@ -186,6 +186,31 @@ def test_pass_scale_writes_each_pass_smaller(tiny_llama, tiny_tokenizer, facts):
     assert half.meta["pass_scale"] == "0.5" and "pass_scale" not in full.meta
 
 
+def test_first_pass_times_sizes_the_first_pass_only(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    req = [EditRequest(facts[1]["prompt"], facts[1]["target_new"])]
+    base = dict(rank=8, init_lr=1e-3, pass_scale=0.5)
+    one = MendEditor.untrained(stack, MendConfig(**base)).compute_delta(tiny_llama, tiny_tokenizer, req)
+    big = MendEditor.untrained(stack, MendConfig(**base, first_pass_times=3.0)).compute_delta(
+        tiny_llama, tiny_tokenizer, req)
+    for name, upd in one.updates.items():
+        torch.testing.assert_close(big.updates[name].dense(), 3 * upd.dense())
+    assert big.meta["first_pass_times"] == "3" and "first_pass_times" not in one.meta
+    # with refinement, the passes after the first are computed on the model the big first pass left and
+    # written at pass_scale: the delta's first pass rows are 3x, the rest are not scaled again
+    refine = dict(base, init_lr=1e-6, refine_passes=2, refine_seconds=60)
+    a = MendEditor.untrained(stack, MendConfig(**refine)).compute_delta(tiny_llama, tiny_tokenizer, req)
+    b = MendEditor.untrained(stack, MendConfig(**refine, first_pass_times=3.0)).compute_delta(
+        tiny_llama, tiny_tokenizer, req)
+    assert a.meta["passes"] == b.meta["passes"] == "3"
+    for name, upd in a.updates.items():
+        r = upd.rank // 3
+        torch.testing.assert_close(b.updates[name].u[:r], 3 * upd.u[:r])
+        torch.testing.assert_close(b.updates[name].u[r:].norm(), upd.u[r:].norm(), rtol=0.05, atol=0)
+    with pytest.raises(ValueError, match="first_pass_times"):
+        MendConfig(first_pass_times=0.0)
+
+
 def test_gradient_scale_scales_what_the_nets_read(tiny_llama, tiny_tokenizer, facts):
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     req = [EditRequest(facts[1]["prompt"], facts[1]["target_new"])]
