@@ -164,7 +164,7 @@ class MendEditor:
               inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor,
               mean_keys: MeanKeys | None = None,
               run: Callable[[], torch.Tensor] | None = None, stop: Callable[[bool], bool] | None = None,
-              ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]] | None:
+              size: float = 1.0) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]] | None:
         """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, and the
         keys the re-solved ones were solved at (target name -> (n, d_in)).
 
@@ -178,7 +178,7 @@ class MendEditor:
         gradient by their number below what the nets were trained on), and each key of the re-solve
         asks for what its own request's proposal does there. ``mean_keys`` (``key_prefixes``), run on
         the model as ``so_far`` leaves it with this pass's bare keys, gives the keys to re-solve at
-        instead of the bare prompts'.
+        instead of the bare prompts'. The updates are written times ``size``.
         """
         per_request = per_request_target_nll(request_of_row)
         scale = self.config.gradient_scale
@@ -202,16 +202,13 @@ class MendEditor:
             if mean_keys is not None:
                 with added_updates(model, _joined(so_far)):
                     index, averaged = mean_keys(keys)  # (m,) requests with a subject, their (m, d_in) keys
-                for name in keys:
-                    keys[name] = keys[name].clone()
-                    keys[name][index] = averaged[name].to(keys[name].dtype)
+                keys = {name: k.index_copy(0, index, averaged[name].to(k.dtype)) for name, k in keys.items()}
             updates = self.updates_from_factors(factors)
             factor_owner = request_of_row[factors.row]  # (N,)
             owners = (factor_owner[rows], factor_owner)
             for name, inverse in inverses.items():
                 updates[name] = preserved_update(updates[name], keys[name], inverse, owners)
-        scale = self.config.pass_scale
-        return {n: LowRankUpdate((scale * u.u if scale != 1 else u.u).detach(), u.v.detach())
+        return {n: LowRankUpdate((size * u.u if size != 1 else u.u).detach(), u.v.detach())
                 for n, u in updates.items()}, keys
 
     def _earlier_keys(self, name: str) -> list[tuple[str, torch.Tensor]]:
@@ -301,14 +298,14 @@ class MendEditor:
 
         while True:
             # from the second pass on, its forward is also the check: stop once every target token is greedy
+            size = self.config.pass_scale * (self.config.first_pass_times if passes == 0 else 1.0)
             found = self._pass(model, batch, so_far, inverses, request_of_row, mean_keys, run=run,
-                               stop=stop if passes > 0 else None)
+                               stop=stop if passes > 0 else None, size=size)
             if found is None:
                 break
             updates, keys = found
-            size = self.config.first_pass_times if passes == 0 else 1.0
             for name, upd in updates.items():
-                so_far[name].append(LowRankUpdate(size * upd.u, upd.v) if size != 1 else upd)
+                so_far[name].append(upd)
             # the first pass's keys, where the facts were before this edit; the bare prompts' only
             journaled = journaled or {n: k[:: len(wordings)] for n, k in keys.items()}
             passes += 1

@@ -446,3 +446,25 @@ def test_key_reads_first_pass_reads_the_averaged_keys_once(tiny_llama, tiny_toke
     torch.testing.assert_close(first.u[:1], every.u[:1])
     torch.testing.assert_close(first.v[:1], every.v[:1])
     torch.testing.assert_close(deltas["first_pass"].keys[covered], deltas["every_pass"].keys[covered])
+
+
+def test_key_reads_first_pass_carries_the_first_read_s_offset_to_later_bare_keys(tiny_llama, tiny_tokenizer, facts):
+    from editor_core.stats import collect_key_stats
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, factor_tokens="subject", preserve_lambda=1.0,
+                                                    preserve_keys="last", key_prefixes=["I read that "],
+                                                    key_reads="first_pass"))
+    (covered,) = editor.use_statistics(stats, tiny_llama)
+    f = facts[0]
+    reqs = [EditRequest(facts[1]["prompt"], facts[1]["target_new"]),  # no subject: not read
+            EditRequest(f["prompt"], f["target_new"], subject=f["subject"])]
+    first = min(t.block for t in editor.targets)
+    read = editor._mean_keys(tiny_llama, tiny_tokenizer, reqs, first)
+    d = stack.targets[covered].d_in
+    bare1, bare2 = {covered: torch.randn(2, d)}, {covered: torch.randn(2, d)}
+    index, averaged = read(bare1)
+    assert index.tolist() == [1]
+    index, later = read(bare2)  # no second read: the later bare key moved by the first read's offset
+    torch.testing.assert_close(later[covered], bare2[covered][index] + averaged[covered] - bare1[covered][index])
