@@ -190,21 +190,29 @@ def selected_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor
     return torch.nn.functional.cross_entropy(logits.float(), target_labels(batch))
 
 
-def per_request_target_nll(request_of_row: torch.Tensor) -> Callable[[torch.Tensor, TokenBatch], torch.Tensor]:
+def per_request_target_nll(request_of_row: torch.Tensor, weight: torch.Tensor | None = None
+                           ) -> Callable[[torch.Tensor, TokenBatch], torch.Tensor]:
     """A loss like :func:`selected_target_nll` that sums, over requests, each request's mean target NLL.
 
     ``request_of_row`` (B,) is the request each batch row belongs to. With one request it is the batch
     mean; with many, each request's gradient is what it would be edited alone, where the batch mean
-    would shrink it by the number of facts (and an editor net reads its input's scale).
+    would shrink it by the number of facts (and an editor net reads its input's scale). ``weight`` (n,)
+    multiplies each request's term (0: that request gives no gradient).
     """
     def loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         nll = torch.nn.functional.cross_entropy(logits.float(), target_labels(batch), reduction="none")  # (N,)
-        rows = torch.arange(batch.labels.shape[0], device=nll.device).unsqueeze(1).expand_as(batch.target_mask)
-        req = request_of_row.to(nll.device)[rows[batch.target_mask]]  # (N,) request of each target token
+        req = label_requests(batch, request_of_row).to(nll.device)  # (N,) request of each target token
         n = int(request_of_row.max()) + 1
         tokens = torch.bincount(req, minlength=n).clamp(min=1).to(nll.dtype)  # (n,)
-        return (torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, req, nll) / tokens).sum()
+        per_request = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, req, nll) / tokens  # (n,)
+        return (per_request if weight is None else per_request * weight.to(per_request)).sum()
     return loss
+
+
+def label_requests(batch: TokenBatch, request_of_row: torch.Tensor) -> torch.Tensor:
+    """(N,) the request of each target token, row-major like :func:`target_labels`."""
+    rows = torch.arange(batch.labels.shape[0], device=batch.labels.device).unsqueeze(1).expand_as(batch.target_mask)
+    return request_of_row.to(rows.device)[rows[batch.target_mask]]
 
 
 def mean_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:

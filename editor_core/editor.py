@@ -15,6 +15,7 @@ from editor_core import checkpoint
 from editor_core.batching import (
     TokenBatch,
     build_batch,
+    label_requests,
     per_request_target_nll,
     target_labels,
     target_positions,
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 # it the editor reads the locate-then-edit statistics shipped in the same directory (stats.STATS_FILE), which
 # serve an editor whose targets are those methods' layers with no second copy
 STATS_FILE = "mend_keystats.safetensors"
+
+# a refinement pass's check: given which requests took (n,) bool, the requests still to write (n,) bool
+Check = Callable[[torch.Tensor], torch.Tensor]
 
 # key_prefixes' reader: given a pass's bare keys (target -> (n, d_in)), the requests that have a subject
 # (m,) and their keys averaged over the wordings (target -> (m, d_in))
@@ -163,15 +167,19 @@ class MendEditor:
     def _pass(self, model: nn.Module, batch: TokenBatch, so_far: dict[str, list[LowRankUpdate]],
               inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor,
               mean_keys: MeanKeys | None = None,
-              run: Callable[[], torch.Tensor] | None = None, stop: Callable[[bool], bool] | None = None,
-              size: float = 1.0) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]] | None:
-        """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, and the
-        keys the re-solved ones were solved at (target name -> (n, d_in)).
+              run: Callable[[], torch.Tensor] | None = None, check: Check | None = None,
+              size: float = 1.0
+              ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor], torch.Tensor] | None:
+        """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, the keys
+        the re-solved ones were solved at (target name -> (n, d_in)), and which requests they write (n,).
 
         ``run`` gives the logits at the target positions (the tail from cached prefix states). With
-        ``stop``, the forward's verdict (is every target token already greedy under ``so_far``?) is passed
-        to it, and None is returned when it says stop (then no backward runs: the check of the edit so far
-        is this pass's own forward).
+        ``check``, the forward's verdict per request (is every target token of it already greedy under
+        ``so_far``?) is passed to it, and it answers which requests this pass still writes: the others
+        give no gradient and no rows, and their keys ask the re-solve for no change (the other facts'
+        rows leave their outputs about where they are, up to the ridge's coupling of the keys). None is
+        returned when it answers none (then no backward runs: the check of the edit so far is this
+        pass's own forward).
 
         ``request_of_row`` (B,): the request of each batch row. Each request's gradient is the one it
         would have alone (a batch of facts is not a batch-mean loss, which would shrink every fact's
@@ -180,20 +188,26 @@ class MendEditor:
         the model as ``so_far`` leaves it with this pass's bare keys, gives the keys to re-solve at
         instead of the bare prompts'. The updates are written times ``size``.
         """
-        per_request = per_request_target_nll(request_of_row)
         scale = self.config.gradient_scale
+        n = int(request_of_row.max()) + 1
+        writing = torch.ones(n, dtype=torch.bool, device=request_of_row.device)  # (n,) the check may narrow it
 
         def loss_fn(logits: torch.Tensor, b: TokenBatch) -> torch.Tensor:
-            return per_request(logits, b) * scale  # times 1.0 is exact: the default changes nothing
+            weight = None if bool(writing.all()) else writing.float()  # None: bit for bit the plain sum
+            return per_request_target_nll(request_of_row, weight)(logits, b) * scale  # times 1.0 is exact
 
         labels = target_labels(batch)  # (N,)
+        label_request = label_requests(batch, request_of_row)  # (N,)
 
         def took_and_stop(logits: torch.Tensor) -> bool:  # (N, V) at the target positions
-            return stop(bool((logits.argmax(-1) == labels).all()))
+            missed = label_request[logits.argmax(-1) != labels]  # request of each target token not yet greedy
+            took = torch.bincount(missed, minlength=n) == 0  # (n,)
+            writing.copy_(check(took))
+            return not bool(writing.any())
 
         with added_updates(model, _joined(so_far)):  # output layer at targets only
             factors = capture_factors(model, self.targets, batch, run=run, loss_fn=loss_fn,
-                                      stop=took_and_stop if stop is not None else None)
+                                      stop=took_and_stop if check is not None else None)
         if factors is None:
             return None
         with torch.no_grad():
@@ -205,11 +219,17 @@ class MendEditor:
                 keys = {name: k.index_copy(0, index, averaged[name].to(k.dtype)) for name, k in keys.items()}
             updates = self.updates_from_factors(factors)
             factor_owner = request_of_row[factors.row]  # (N,)
-            owners = (factor_owner[rows], factor_owner)
+            key_owner = factor_owner[rows]
+            if not bool(writing.all()):  # the nets map a zero gradient to a small nonzero row: drop it exactly
+                updates = {name: LowRankUpdate(u.u * writing[factor_owner].unsqueeze(1).to(u.u), u.v)
+                           for name, u in updates.items()}
             for name, inverse in inverses.items():
-                updates[name] = preserved_update(updates[name], keys[name], inverse, owners)
-        return {n: LowRankUpdate((size * u.u if size != 1 else u.u).detach(), u.v.detach())
-                for n, u in updates.items()}, keys
+                updates[name] = preserved_update(updates[name], keys[name], inverse, (key_owner, factor_owner))
+            if not bool(writing.all()):  # rows of requests not written are zero: leave them out of the delta
+                updates = {name: _rows_of(u, writing[key_owner if name in inverses else factor_owner])
+                           for name, u in updates.items()}
+        return {name: LowRankUpdate((size * u.u if size != 1 else u.u).detach(), u.v.detach())
+                for name, u in updates.items()}, keys, writing
 
     def _earlier_keys(self, name: str) -> list[tuple[str, torch.Tensor]]:
         """[(edit id, keys (m, d_in))] of the stack's active edits that journaled keys at ``name``."""
@@ -288,22 +308,24 @@ class MendEditor:
         def run() -> torch.Tensor:  # (N, V)
             return tail_logits(model, first, states, batch.attention_mask, select)
 
-        extra = [self.config.extra_passes]  # passes still to run once the prompt has taken
+        # each request's passes still to run once its prompt has taken: a fact of a batch stops as it would
+        # alone, and the other facts' later passes leave it where it is
+        extra = torch.full((len(requests),), self.config.extra_passes, device=device)  # (n,)
 
-        def stop(took: bool) -> bool:
-            if not took:
-                return False
-            extra[0] -= 1
-            return extra[0] < 0
+        def check(took: torch.Tensor) -> torch.Tensor:  # (n,) bool -> (n,) bool: still to write
+            extra.sub_(took.to(extra.dtype))
+            return ~(took & (extra < 0))
 
+        written = torch.zeros(len(requests), dtype=torch.long, device=device)  # (n,) passes that wrote each
         while True:
             # from the second pass on, its forward is also the check: stop once every target token is greedy
             size = self.config.pass_scale * (self.config.first_pass_times if passes == 0 else 1.0)
             found = self._pass(model, batch, so_far, inverses, request_of_row, mean_keys, run=run,
-                               stop=stop if passes > 0 else None, size=size)
+                               check=check if passes > 0 else None, size=size)
             if found is None:
                 break
-            updates, keys = found
+            updates, keys, writing = found
+            written += writing.long()
             for name, upd in updates.items():
                 so_far[name].append(upd)
             # the first pass's keys, where the facts were before this edit; the bare prompts' only
@@ -313,6 +335,8 @@ class MendEditor:
                 break
         meta = {"method": self.method, "editor": self.editor_id, "n_requests": str(len(requests)),
                 "passes": str(passes)}
+        if len(requests) > 1:
+            meta["passes_per_request"] = ",".join(str(int(w)) for w in written)
         if self.preserved:
             meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
         if self.config.pass_scale != 1:
@@ -343,6 +367,11 @@ def last_of_each_row(row: torch.Tensor) -> torch.Tensor:
     last = torch.ones_like(row, dtype=torch.bool)  # (N,)
     last[:-1] = row[1:] != row[:-1]
     return last.nonzero().squeeze(-1)
+
+
+def _rows_of(update: LowRankUpdate, keep: torch.Tensor) -> LowRankUpdate:
+    """The rows ``keep`` (r,) bool of an update's factors."""
+    return LowRankUpdate(update.u[keep], update.v[keep])
 
 
 def _joined(parts: dict[str, list[LowRankUpdate]]) -> dict[str, LowRankUpdate]:

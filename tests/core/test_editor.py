@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -468,3 +470,36 @@ def test_key_reads_first_pass_carries_the_first_read_s_offset_to_later_bare_keys
     assert index.tolist() == [1]
     index, later = read(bare2)  # no second read: the later bare key moved by the first read's offset
     torch.testing.assert_close(later[covered], bare2[covered][index] + averaged[covered] - bare1[covered][index])
+
+
+def test_a_fact_of_a_batch_stops_when_it_takes_and_the_others_go_on(tiny_llama, tiny_tokenizer, facts):
+    """Each fact of a batch gets the passes it would get alone: once it has taken (and run its extra
+    passes) later passes give it no gradient and no rows, and re-solve to leave its key where it is."""
+    from editor_core.stats import collect_key_stats
+
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    f, g = facts[0], facts[1]
+    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
+    with torch.no_grad():
+        top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
+    easy = EditRequest(f["prompt"], tiny_tokenizer.decode([top]), subject=f["subject"])  # greedy already
+    hard = EditRequest(g["prompt"], g["target_new"], subject=g["subject"])  # a tiny step never takes
+    config = MendConfig(rank=8, init_lr=1e-6, factor_tokens="subject", refine_passes=3, refine_seconds=60,
+                        preserve_lambda=1.0, preserve_keys="last")
+    editor = MendEditor.untrained(stack, config)
+    (name,) = editor.use_statistics(stats, tiny_llama)
+    both = editor.compute_delta(tiny_llama, tiny_tokenizer, [easy, hard])
+    alone = editor.compute_delta(tiny_llama, tiny_tokenizer, [easy])
+    assert alone.meta["passes"] == "1"
+    assert both.meta["passes"] == "4" and both.meta["passes_per_request"] == "1,4"
+    # the first pass writes a row at each fact's key; the three later ones at the hard fact's key only
+    assert both.updates[name].rank == 2 + 3
+    # those later rows move the hard fact's output and leave the easy fact's about where it was
+    later = type(both.updates[name])(both.updates[name].u[2:], both.updates[name].v[2:]).dense()  # (d_out, d_in)
+    easy_key, hard_key = both.keys[name]  # (d_in,) each
+    assert (easy_key @ later.t()).norm() < 0.01 * (hard_key @ later.t()).norm()
+    # with extra passes, the easy fact runs them, then stops
+    extra = MendEditor.untrained(stack, replace(config, extra_passes=1))
+    extra.use_statistics(stats, tiny_llama)
+    assert extra.compute_delta(tiny_llama, tiny_tokenizer, [easy, hard]).meta["passes_per_request"] == "2,4"
