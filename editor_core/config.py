@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
                     "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes",
-                    "extra_passes", "key_reads", "first_pass_times")
+                    "extra_passes", "key_reads", "first_pass_times", "take_nll")
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -73,6 +73,11 @@ class MendConfig:
     # refine_seconds): the passes otherwise stop at the bare prompt's threshold, which rephrasings, whose
     # keys differ a little, do not all reach
     extra_passes: int = 0
+    # above 0, a request has taken only once its mean target NLL is also at most this (0.69: the new target
+    # at p >= 1/2 per token on average), as the locate methods optimise their values to a small NLL rather
+    # than to the greedy threshold: a margin that each edit reaches as it needs, where extra_passes adds
+    # the same number of passes to every edit
+    take_nll: float = 0.0
     # each pass's update is written times this: below 1, smaller steps that re-read the model more often
     # (one pass scaled up saturates: docs/MEND.md, "MEND that takes"), with more passes to reach the target
     pass_scale: float = 1.0
@@ -107,7 +112,7 @@ class MendConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
-        for name in ("preserve_lambda", "preserve_keep", "refine_seconds"):
+        for name in ("preserve_lambda", "preserve_keep", "refine_seconds", "take_nll"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
         if self.key_reads not in ("every_pass", "first_pass"):

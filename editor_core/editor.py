@@ -202,6 +202,10 @@ class MendEditor:
         def took_and_stop(logits: torch.Tensor) -> bool:  # (N, V) at the target positions
             missed = label_request[logits.argmax(-1) != labels]  # request of each target token not yet greedy
             took = torch.bincount(missed, minlength=n) == 0  # (n,)
+            if self.config.take_nll > 0:
+                nll = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
+                tokens = torch.bincount(label_request, minlength=n).clamp(min=1)  # (n,)
+                took &= torch.bincount(label_request, weights=nll, minlength=n) / tokens <= self.config.take_nll
             writing.copy_(check(took))
             return not bool(writing.any())
 
@@ -345,6 +349,8 @@ class MendEditor:
             meta["first_pass_times"] = f"{self.config.first_pass_times:g}"
         if self.config.extra_passes:
             meta["extra_passes"] = str(self.config.extra_passes)
+        if self.config.take_nll:
+            meta["take_nll"] = f"{self.config.take_nll:g}"
         if self.config.gradient_scale != 1:
             meta["gradient_scale"] = f"{self.config.gradient_scale:g}"
         if self.config.edit_prefixes:

@@ -503,3 +503,24 @@ def test_a_fact_of_a_batch_stops_when_it_takes_and_the_others_go_on(tiny_llama, 
     extra = MendEditor.untrained(stack, replace(config, extra_passes=1))
     extra.use_statistics(stats, tiny_llama)
     assert extra.compute_delta(tiny_llama, tiny_tokenizer, [easy, hard]).meta["passes_per_request"] == "2,4"
+
+
+def test_take_nll_asks_a_taken_prompt_for_a_margin_too(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    f = facts[0]
+    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
+    with torch.no_grad():
+        logits = tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]]
+    top = int(logits.argmax())
+    nll = float(-logits.log_softmax(-1)[top])  # the greedy token's NLL: a random tiny model is unsure of it
+    req = [EditRequest(f["prompt"], tiny_tokenizer.decode([top]))]  # greedy already
+    passes = {}
+    for take_nll in (0.0, 2 * nll, nll / 2):
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=3, refine_seconds=60,
+                                                        take_nll=take_nll))
+        delta = editor.compute_delta(tiny_llama, tiny_tokenizer, req)
+        passes[take_nll] = delta.meta["passes"]
+    assert passes == {0.0: "1", 2 * nll: "1", nll / 2: "4"}  # a tiny step never halves the NLL
+    assert delta.meta["take_nll"] == f"{nll / 2:g}"
+    with pytest.raises(ValueError, match="take_nll"):
+        MendConfig(take_nll=-1.0)
