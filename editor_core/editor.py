@@ -283,7 +283,8 @@ class MendEditor:
         another pass on the model as the edit so far leaves it (at most that many, within
         ``config.refine_seconds`` per request); the delta is the sum of the passes' updates, each
         written times ``config.pass_scale``. With ``config.edit_prefixes``, every pass and the check
-        also cover each prompt behind each prefix.
+        also cover each prompt behind each prefix. Each request of a batch is checked on its own: once
+        it has taken (and run ``config.extra_passes`` more) the later passes stop writing it.
         """
         if not requests:
             raise ValueError("no edit requests")
