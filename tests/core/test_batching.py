@@ -1,4 +1,4 @@
-"""Length groups: every row once, and the grouping does no more padded work than one batch."""
+"""Length groups: every row once, and the grouping does no more padded work than one batch; the per-request loss."""
 
 from __future__ import annotations
 
@@ -31,3 +31,23 @@ def test_grouping_is_optimal_among_contiguous_cuts_on_random_lengths():
             for cuts in [tuple(i + 1 for i in range(len(order) - 1) if mask >> i & 1)]
         )
         assert _cost(lengths, groups, 6) == best <= _cost(lengths, [order], 6)
+
+
+def test_per_request_nll_weights_each_request_s_term(tiny_tokenizer, facts):
+    import torch
+
+    from editor_core.batching import build_batch, label_requests, per_request_target_nll, target_labels
+
+    batch = build_batch(tiny_tokenizer, [f["prompt"] for f in facts[:3]], [f["target_new"] for f in facts[:3]])
+    request_of_row = torch.tensor([0, 1, 1])  # the second request has two rows
+    labels = target_labels(batch)  # (N,)
+    logits = torch.randn(labels.shape[0], len(tiny_tokenizer), generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    req = label_requests(batch, request_of_row)
+    assert req.tolist() == [r for r, row in zip([0, 1, 1], batch.target_mask.sum(1).tolist(), strict=True) for _ in range(row)]
+    plain = per_request_target_nll(request_of_row)(logits, batch)
+    nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert torch.allclose(plain, nll[req == 0].mean() + nll[req == 1].mean())  # each request's mean, summed
+    assert torch.equal(per_request_target_nll(request_of_row, torch.ones(2))(logits, batch), plain)
+    # weight 0: the request gives no gradient at all
+    (grad,) = torch.autograd.grad(per_request_target_nll(request_of_row, torch.tensor([1.0, 0.0]))(logits, batch), logits)
+    assert grad[req == 1].abs().max() == 0 and grad[req == 0].abs().max() > 0
