@@ -200,13 +200,18 @@ def per_request_target_nll(request_of_row: torch.Tensor, weight: torch.Tensor | 
     multiplies each request's term (0: that request gives no gradient).
     """
     def loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        nll = torch.nn.functional.cross_entropy(logits.float(), target_labels(batch), reduction="none")  # (N,)
-        req = label_requests(batch, request_of_row).to(nll.device)  # (N,) request of each target token
-        n = int(request_of_row.max()) + 1
-        tokens = torch.bincount(req, minlength=n).clamp(min=1).to(nll.dtype)  # (n,)
-        per_request = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, req, nll) / tokens  # (n,)
+        per_request = per_request_mean_nll(logits, batch, request_of_row)  # (n,)
         return (per_request if weight is None else per_request * weight.to(per_request)).sum()
     return loss
+
+
+def per_request_mean_nll(logits: torch.Tensor, batch: TokenBatch, request_of_row: torch.Tensor) -> torch.Tensor:
+    """(n,) each request's mean target NLL, from logits (N, V) at :func:`target_positions`."""
+    nll = torch.nn.functional.cross_entropy(logits.float(), target_labels(batch), reduction="none")  # (N,)
+    req = label_requests(batch, request_of_row).to(nll.device)  # (N,) request of each target token
+    n = int(request_of_row.max()) + 1
+    tokens = torch.bincount(req, minlength=n).clamp(min=1).to(nll.dtype)  # (n,)
+    return torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, req, nll) / tokens
 
 
 def label_requests(batch: TokenBatch, request_of_row: torch.Tensor) -> torch.Tensor:

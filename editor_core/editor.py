@@ -16,6 +16,7 @@ from editor_core.batching import (
     TokenBatch,
     build_batch,
     label_requests,
+    per_request_mean_nll,
     per_request_target_nll,
     target_labels,
     target_positions,
@@ -203,9 +204,7 @@ class MendEditor:
             missed = label_request[logits.argmax(-1) != labels]  # request of each target token not yet greedy
             took = torch.bincount(missed, minlength=n) == 0  # (n,)
             if self.config.take_nll > 0:
-                nll = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
-                tokens = torch.bincount(label_request, minlength=n).clamp(min=1)  # (n,)
-                took &= torch.bincount(label_request, weights=nll, minlength=n) / tokens <= self.config.take_nll
+                took &= per_request_mean_nll(logits, batch, request_of_row) <= self.config.take_nll
             writing.copy_(check(took))
             return not bool(writing.any())
 
