@@ -169,7 +169,7 @@ class MendEditor:
               inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor,
               mean_keys: MeanKeys | None = None,
               run: Callable[[], torch.Tensor] | None = None, check: Check | None = None,
-              size: float = 1.0
+              size: float = 1.0, held: dict[str, torch.Tensor] | None = None
               ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor], torch.Tensor] | None:
         """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, the keys
         the re-solved ones were solved at (target name -> (n, d_in)), and which requests they write (n,).
@@ -187,7 +187,9 @@ class MendEditor:
         gradient by their number below what the nets were trained on), and each key of the re-solve
         asks for what its own request's proposal does there. ``mean_keys`` (``key_prefixes``), run on
         the model as ``so_far`` leaves it with this pass's bare keys, gives the keys to re-solve at
-        instead of the bare prompts'. The updates are written times ``size``.
+        instead of the bare prompts'. The updates are written times ``size``. ``held`` (target ->
+        (h, d_in)): keys of requests of the edit that are not in ``batch`` (they have taken); the
+        re-solve asks them for no change, as it does the keys of requests this pass does not write.
         """
         scale = self.config.gradient_scale
         n = int(request_of_row.max()) + 1
@@ -197,15 +199,8 @@ class MendEditor:
             weight = None if bool(writing.all()) else writing.float()  # None: bit for bit the plain sum
             return per_request_target_nll(request_of_row, weight)(logits, b) * scale  # times 1.0 is exact
 
-        labels = target_labels(batch)  # (N,)
-        label_request = label_requests(batch, request_of_row)  # (N,)
-
         def took_and_stop(logits: torch.Tensor) -> bool:  # (N, V) at the target positions
-            missed = label_request[logits.argmax(-1) != labels]  # request of each target token not yet greedy
-            took = torch.bincount(missed, minlength=n) == 0  # (n,)
-            if self.config.take_nll > 0:
-                took &= per_request_mean_nll(logits, batch, request_of_row) <= self.config.take_nll
-            writing.copy_(check(took))
+            writing.copy_(check(self._taken(logits, batch, request_of_row)))
             return not bool(writing.any())
 
         with added_updates(model, _joined(so_far)):  # output layer at targets only
@@ -227,12 +222,28 @@ class MendEditor:
                 updates = {name: LowRankUpdate(u.u * writing[factor_owner].unsqueeze(1).to(u.u), u.v)
                            for name, u in updates.items()}
             for name, inverse in inverses.items():
-                updates[name] = preserved_update(updates[name], keys[name], inverse, (key_owner, factor_owner))
+                solve_at, owner = keys[name], key_owner
+                if held:  # owner -1: no factor row is theirs, so the solve asks no change there
+                    solve_at = torch.cat([solve_at, held[name].to(solve_at)])
+                    owner = torch.cat([owner, owner.new_full((held[name].shape[0],), -1)])
+                solved = preserved_update(updates[name], solve_at, inverse, (owner, factor_owner))
+                # the held keys' rows are zero (no change asked): only this pass's keys' rows are kept
+                updates[name] = _rows_of(solved, slice(0, len(key_owner))) if held else solved
             if not bool(writing.all()):  # rows of requests not written are zero: leave them out of the delta
                 updates = {name: _rows_of(u, writing[key_owner if name in inverses else factor_owner])
                            for name, u in updates.items()}
         return {name: LowRankUpdate((size * u.u if size != 1 else u.u).detach(), u.v.detach())
                 for name, u in updates.items()}, keys, writing
+
+    def _taken(self, logits: torch.Tensor, batch: TokenBatch, request_of_row: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: has each request taken? Every target token of it is greedy in ``logits`` (N, V) at the
+        target positions (and, with ``config.take_nll``, its mean target NLL is at most that)."""
+        n = int(request_of_row.max()) + 1
+        missed = label_requests(batch, request_of_row)[logits.argmax(-1) != target_labels(batch)]  # (misses,)
+        took = torch.bincount(missed, minlength=n) == 0  # (n,)
+        if self.config.take_nll > 0:
+            took &= per_request_mean_nll(logits, batch, request_of_row) <= self.config.take_nll
+        return took
 
     def _earlier_keys(self, name: str) -> list[tuple[str, torch.Tensor]]:
         """[(edit id, keys (m, d_in))] of the stack's active edits that journaled keys at ``name``."""
@@ -309,34 +320,67 @@ class MendEditor:
         states = prefix_states(model, batch.input_ids, batch.attention_mask, first)  # (B, T, d)
         select = target_positions(batch)  # (B, T)
 
-        def run() -> torch.Tensor:  # (N, V)
-            return tail_logits(model, first, states, batch.attention_mask, select)
-
         # each request's passes still to run once its prompt has taken: a fact of a batch stops as it would
         # alone, and the other facts' later passes leave it where it is
-        extra = torch.full((len(requests),), self.config.extra_passes, device=device)  # (n,)
-
-        def check(took: torch.Tensor) -> torch.Tensor:  # (n,) bool -> (n,) bool: still to write
-            extra.sub_(took.to(extra.dtype))
-            return ~(took & (extra < 0))
-
-        written = torch.zeros(len(requests), dtype=torch.long, device=device)  # (n,) passes that wrote each
+        n = len(requests)
+        extra = torch.full((n,), self.config.extra_passes, device=device)  # (n,)
+        running = torch.ones(n, dtype=torch.bool, device=device)  # (n,) requests the next pass runs
+        # a pass runs only the rows of the requests still writing, once some have finished (a batch's hardest
+        # fact no longer costs every fact's rows); their keys stay in the re-solve as they were last solved
+        # at. Only where the re-solve has one key per row (or none): "all" keys would need every token
+        narrows = not inverses or self.config.preserve_keys == "last"
+        solved_at: dict[str, torch.Tensor] = {}  # target -> (B, d_in) each row's key at its latest pass
+        bare_at: dict[str, torch.Tensor] = {}  # target -> (B, d_in) each row's bare key at its latest pass
+        written = torch.zeros(n, dtype=torch.long, device=device)  # (n,) passes that wrote each
+        verified = False  # every request was just checked again, and no pass has written since
         while True:
+            ids = running.nonzero().squeeze(-1)  # (m,) the requests this pass runs
+            rows = running[request_of_row].nonzero().squeeze(-1)  # (b,) their batch rows
+            part = len(ids) < n
+            local = torch.full((n,), -1, dtype=torch.long, device=device)
+            local[ids] = torch.arange(len(ids), device=device)  # request -> its index in this pass
+
+            def check(took: torch.Tensor, ids: torch.Tensor = ids) -> torch.Tensor:  # (m,) -> (m,) to write
+                extra[ids] -= took.to(extra.dtype)
+                return ~(took & (extra[ids] < 0))
+
             # from the second pass on, its forward is also the check: stop once every target token is greedy
             size = self.config.pass_scale * (self.config.first_pass_times if passes == 0 else 1.0)
-            found = self._pass(model, batch, so_far, inverses, request_of_row, mean_keys, run=run,
-                               check=check if passes > 0 else None, size=size)
+            found = self._pass(
+                model, _rows_of_batch(batch, rows) if part else batch, so_far, inverses,
+                local[request_of_row[rows]] if part else request_of_row,
+                _narrowed_keys(mean_keys, bare_at, rows, local) if mean_keys else None,
+                run=_tail_run(model, first, states, batch.attention_mask, select, rows if part else None),
+                check=check if passes > 0 else None, size=size,
+                held={name: k[~running[request_of_row]] for name, k in solved_at.items()} if part else None)
             if found is None:
-                break
+                if not part or verified:
+                    break
+                # the finished requests were not run since they finished: one forward over every row checks
+                # them all again, and those that no longer take (later facts' passes moved them) write again
+                with torch.no_grad(), added_updates(model, _joined(so_far)):
+                    logits = _tail_run(model, first, states, batch.attention_mask, select, None)()  # (N, V)
+                    running = ~self._taken(logits, batch, request_of_row)  # (n,)
+                if not bool(running.any()):
+                    break
+                verified = True
+                continue
+            verified = False
             updates, keys, writing = found
-            written += writing.long()
+            written[ids] += writing.long()
             for name, upd in updates.items():
                 so_far[name].append(upd)
+            if narrows and inverses:
+                for name, k in keys.items():  # (b, d_in) the keys this pass's rows were solved at
+                    solved_at[name] = solved_at.get(name, torch.zeros(len(request_of_row), k.shape[1], dtype=k.dtype,
+                                                                      device=device)).index_copy(0, rows, k)
             # the first pass's keys, where the facts were before this edit; the bare prompts' only
-            journaled = journaled or {n: k[:: len(wordings)] for n, k in keys.items()}
+            journaled = journaled or {name: k[:: len(wordings)] for name, k in keys.items()}
             passes += 1
             if passes > self.config.refine_passes or time.perf_counter() > deadline:
                 break
+            if narrows:
+                running[ids] = writing
         meta = {"method": self.method, "editor": self.editor_id, "n_requests": str(len(requests)),
                 "passes": str(passes)}
         if len(requests) > 1:
@@ -373,6 +417,37 @@ def last_of_each_row(row: torch.Tensor) -> torch.Tensor:
     last = torch.ones_like(row, dtype=torch.bool)  # (N,)
     last[:-1] = row[1:] != row[:-1]
     return last.nonzero().squeeze(-1)
+
+
+def _tail_run(model: nn.Module, first: int, states: torch.Tensor, attention_mask: torch.Tensor,
+              select: torch.Tensor, rows: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+    """The logits (N, V) at ``select`` (B, T) from the states entering block ``first`` (B, T, d), of the
+    batch rows ``rows`` (b,) only when given."""
+    if rows is not None:
+        states, attention_mask, select = states[rows], attention_mask[rows], select[rows]
+    return lambda: tail_logits(model, first, states, attention_mask, select)
+
+
+def _rows_of_batch(batch: TokenBatch, rows: torch.Tensor) -> TokenBatch:
+    """The batch rows ``rows`` (b,) of ``batch``."""
+    key = batch.key_mask[rows] if batch.key_mask is not None else None
+    return TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], key)
+
+
+def _narrowed_keys(mean_keys: MeanKeys, bare_at: dict[str, torch.Tensor], rows: torch.Tensor,
+                   local: torch.Tensor) -> MeanKeys:
+    """``mean_keys`` for a pass that runs the batch rows ``rows`` (b,) only (one row per request with
+    key_prefixes). ``bare_at`` (target -> (B, d_in)) keeps each row's bare key from the latest pass that
+    ran it; ``local`` (n,) maps a request to its index in this pass (-1: not run). The averaged keys
+    returned are this pass's requests', indexed as in this pass."""
+    def read(bare: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        for name, k in bare.items():  # (b, d_in)
+            known = bare_at.get(name, torch.zeros(len(local), k.shape[1], dtype=k.dtype, device=k.device))
+            bare_at[name] = known.index_copy(0, rows, k)
+        index, averaged = mean_keys(dict(bare_at))  # (s,) requests with a subject, (s, d_in) each
+        mine = local[index] >= 0  # (s,) those this pass runs
+        return local[index][mine], {name: a[mine] for name, a in averaged.items()}
+    return read
 
 
 def _rows_of(update: LowRankUpdate, keep: torch.Tensor) -> LowRankUpdate:

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                             subjects=[rec.subject]).to(next(model.parameters()).device)
         factors = capture_factors(model, editor.targets, batch)
         one_request = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=batch.input_ids.device)  # (B,)
-        updates, keys = editor._pass(model, batch, {t.name: [] for t in editor.targets}, inverses, one_request)
+        updates, keys, _ = editor._pass(model, batch, {t.name: [] for t in editor.targets}, inverses, one_request)
         last = last_of_each_row(factors.row)
         along_gradient = {}
         for name, upd in updates.items():

@@ -505,6 +505,50 @@ def test_a_fact_of_a_batch_stops_when_it_takes_and_the_others_go_on(tiny_llama, 
     assert extra.compute_delta(tiny_llama, tiny_tokenizer, [easy, hard]).meta["passes_per_request"] == "2,4"
 
 
+def test_a_batch_runs_only_the_facts_still_writing_and_checks_the_finished_ones_again(
+        tiny_llama, tiny_tokenizer, facts, monkeypatch):
+    """Once a fact of a batch has finished, later passes run the other facts' rows only; when those
+    finish, one forward over every row checks them all, and a fact the later passes moved back writes
+    again. The verdicts are scripted (a tiny random model's edits do not take on cue)."""
+    from editor_core.stats import collect_key_stats
+
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    a, b = (EditRequest(f["prompt"], f["target_new"], subject=f["subject"]) for f in facts[:2])
+    config = MendConfig(rank=8, init_lr=1e-6, factor_tokens="subject", refine_passes=10, refine_seconds=60,
+                        preserve_lambda=1.0, preserve_keys="last")
+    editor = MendEditor.untrained(stack, config)
+    (name,) = editor.use_statistics(stats, tiny_llama)
+    T, F = True, False
+    verdicts = [[T, F],  # pass 2 (both rows): a has taken, b not
+                [F], [T],  # passes 3 and 4 run b's row only; b takes at 4
+                [F, T],  # the check of every row: b's passes moved a back
+                [F], [T],  # passes 5 and 6 run a's row only
+                [T, T]]  # the check of every row: both hold
+    asked = []
+
+    def scripted(self, logits, batch, request_of_row):
+        verdict = torch.tensor(verdicts[len(asked)])
+        asked.append(batch.input_ids.shape[0])
+        assert verdict.shape[0] == int(request_of_row.max()) + 1  # one verdict per request of that forward
+        return verdict
+
+    monkeypatch.setattr(MendEditor, "_taken", scripted)
+    rows_run = []
+    hook = tiny_llama.model.layers[-1].register_forward_pre_hook(
+        lambda _m, args, kwargs: rows_run.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
+        with_kwargs=True)
+    try:
+        delta = editor.compute_delta(tiny_llama, tiny_tokenizer, [a, b])
+    finally:
+        hook.remove()
+    assert asked == [2, 1, 1, 2, 1, 1, 2] and len(asked) == len(verdicts)
+    assert rows_run == [2, 2, 1, 1, 2, 1, 1, 2]  # pass 1 (no check), then as scripted
+    # passes 1, 2, 3 and 5 wrote: a in 1 and 5, b in 1, 2 and 3
+    assert delta.meta["passes"] == "4" and delta.meta["passes_per_request"] == "2,3"
+    assert delta.updates[name].rank == 2 + 1 + 1 + 1  # one row per fact written in each pass
+
+
 def test_take_nll_asks_a_taken_prompt_for_a_margin_too(tiny_llama, tiny_tokenizer, facts):
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     f = facts[0]
