@@ -21,6 +21,7 @@ class TokenBatch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), IGNORE outside target tokens; labels[t] is predicted at t-1
+    # ((B, T + 1) for a batch without its last input column: see without_last_input)
     key_mask: torch.Tensor | None = None  # (B, T) bool: tokens whose gradient factors key an edit
 
     def to(self, device: torch.device | str) -> TokenBatch:
@@ -174,10 +175,27 @@ def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 
 
 def target_positions(batch: TokenBatch) -> torch.Tensor:
-    """(B, T) bool: positions whose logits predict a target token (the last column never does)."""
-    sel = torch.zeros_like(batch.labels, dtype=torch.bool)
-    sel[:, :-1] = batch.target_mask
+    """(B, T) bool, T the input's width: positions whose logits predict a target token (the last column
+    of a full batch never does; a batch :func:`without_last_input` has its labels one column wider)."""
+    sel = torch.zeros_like(batch.input_ids, dtype=torch.bool)  # (B, T)
+    width = min(sel.shape[1], batch.target_mask.shape[1])
+    sel[:, :width] = batch.target_mask[:, :width]
     return sel
+
+
+def without_last_input(batch: TokenBatch) -> TokenBatch | None:
+    """``batch`` without its last input column, when no loss or edit factor reads it; else None.
+
+    The last input token of a row only predicts what follows the target, and causal attention keeps
+    every earlier position's output the same without it. So when no row's factor tokens include the
+    last column (``key_mask``: each row's subject found), the forward and backward can run one column
+    shorter and give the same target logits and factors. The labels keep their last column: labels[t]
+    is still the token predicted at t-1, and :func:`target_positions` and :func:`target_labels` are
+    unchanged.
+    """
+    if batch.key_mask is None or batch.input_ids.shape[1] < 2 or bool(batch.key_mask[:, -1].any()):
+        return None
+    return TokenBatch(batch.input_ids[:, :-1], batch.attention_mask[:, :-1], batch.labels, batch.key_mask[:, :-1])
 
 
 def target_labels(batch: TokenBatch) -> torch.Tensor:

@@ -20,6 +20,7 @@ from editor_core.batching import (
     per_request_target_nll,
     target_labels,
     target_positions,
+    without_last_input,
 )
 from editor_core.config import INFERENCE_FIELDS, MendConfig
 from editor_core.delta import EditDelta, LowRankUpdate
@@ -305,6 +306,8 @@ class MendEditor:
             tokenizer, [p for p, _ in rows], [r.target for _, r in rows], self.config.max_len,
             subjects=self.factor_subjects([r.subject for _, r in rows]),
         ).to(device_of(model))
+        # the last input column predicts nothing the loss reads: every pass runs one column shorter
+        batch = without_last_input(batch) or batch
         # the time cap is per fact: a batch's passes each cost about as much as one pass per fact
         deadline = time.perf_counter() + self.config.refine_seconds * len(requests)
         so_far: dict[str, list[LowRankUpdate]] = {t.name: [] for t in self.targets}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from editor_core.batching import length_groups
 
 
@@ -34,8 +36,6 @@ def test_grouping_is_optimal_among_contiguous_cuts_on_random_lengths():
 
 
 def test_per_request_nll_weights_each_request_s_term(tiny_tokenizer, facts):
-    import torch
-
     from editor_core.batching import build_batch, label_requests, per_request_target_nll, target_labels
 
     batch = build_batch(tiny_tokenizer, [f["prompt"] for f in facts[:3]], [f["target_new"] for f in facts[:3]])
@@ -51,3 +51,18 @@ def test_per_request_nll_weights_each_request_s_term(tiny_tokenizer, facts):
     # weight 0: the request gives no gradient at all
     (grad,) = torch.autograd.grad(per_request_target_nll(request_of_row, torch.tensor([1.0, 0.0]))(logits, batch), logits)
     assert grad[req == 1].abs().max() == 0 and grad[req == 0].abs().max() > 0
+
+
+def test_without_last_input_keeps_the_target_positions_and_labels(tiny_tokenizer):
+    from editor_core.batching import build_batch, target_labels, target_positions, without_last_input
+
+    batch = build_batch(tiny_tokenizer, ["Paris is the capital of", "Rome is in"], ["France", "Italy now"],
+                        subjects=["Paris", "Rome"])
+    short = without_last_input(batch)
+    assert short.input_ids.shape[1] == batch.input_ids.shape[1] - 1
+    assert torch.equal(target_positions(short), target_positions(batch)[:, :-1])
+    assert not target_positions(batch)[:, -1].any()  # what the shorter batch leaves out predicts nothing
+    assert torch.equal(target_labels(short), target_labels(batch))
+    # a row whose factor tokens fall back to every token (subject not found) reads the last column
+    assert without_last_input(build_batch(tiny_tokenizer, ["Paris is"], ["France"], subjects=["Berlin"])) is None
+    assert without_last_input(build_batch(tiny_tokenizer, ["Paris is"], ["France"])) is None

@@ -549,6 +549,40 @@ def test_a_batch_runs_only_the_facts_still_writing_and_checks_the_finished_ones_
     assert delta.updates[name].rank == 2 + 1 + 1 + 1  # one row per fact written in each pass
 
 
+def test_passes_run_without_the_last_input_column_and_give_the_same_delta(tiny_llama, tiny_tokenizer, facts,
+                                                                          monkeypatch):
+    """The last input token predicts nothing the loss reads: the passes run one column shorter, and the
+    delta is the one the full batch gives."""
+    import editor_core.editor as editor_module
+    from editor_core.stats import collect_key_stats
+
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    reqs = [EditRequest(f["prompt"], f["target_new"], subject=f["subject"]) for f in facts[:2]]
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-3, factor_tokens="subject", refine_passes=2,
+                                                    refine_seconds=60, preserve_lambda=1.0, preserve_keys="last"))
+    editor.use_statistics(stats, tiny_llama)
+    full_width = build_batch(tiny_tokenizer, [r.prompt for r in reqs], [r.target for r in reqs]).input_ids.shape[1]
+    widths = []
+    hook = tiny_llama.model.layers[-1].register_forward_pre_hook(
+        lambda _m, args, kwargs: widths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True)
+    try:
+        short = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+        assert set(widths) == {full_width - 1}
+        widths.clear()
+        monkeypatch.setattr(editor_module, "without_last_input", lambda batch: None)
+        full = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+        assert set(widths) == {full_width}
+    finally:
+        hook.remove()
+    assert short.meta["passes"] == full.meta["passes"] == "3"
+    for name, upd in full.updates.items():
+        torch.testing.assert_close(short.updates[name].dense(), upd.dense(), rtol=1e-4, atol=1e-7)
+    for name, k in full.keys.items():
+        torch.testing.assert_close(short.keys[name], k)
+
+
 def test_take_nll_asks_a_taken_prompt_for_a_margin_too(tiny_llama, tiny_tokenizer, facts):
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     f = facts[0]
