@@ -178,8 +178,7 @@ def target_positions(batch: TokenBatch) -> torch.Tensor:
     """(B, T) bool, T the input's width: positions whose logits predict a target token (the last column
     of a full batch never does; a batch :func:`without_last_input` has its labels one column wider)."""
     sel = torch.zeros_like(batch.input_ids, dtype=torch.bool)  # (B, T)
-    width = min(sel.shape[1], batch.target_mask.shape[1])
-    sel[:, :width] = batch.target_mask[:, :width]
+    sel[:, : batch.target_mask.shape[1]] = batch.target_mask  # (B, T-1) of a full batch, (B, T) of a shorter one
     return sel
 
 

@@ -1,3 +1,4 @@
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -505,6 +506,19 @@ def test_a_fact_of_a_batch_stops_when_it_takes_and_the_others_go_on(tiny_llama, 
     assert extra.compute_delta(tiny_llama, tiny_tokenizer, [easy, hard]).meta["passes_per_request"] == "2,4"
 
 
+@contextmanager
+def _last_block_inputs(model):
+    """The (rows, columns) of each hidden state that enters the model's last block while in the block."""
+    shapes = []
+    hook = model.model.layers[-1].register_forward_pre_hook(
+        lambda _m, args, kwargs: shapes.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])),
+        with_kwargs=True)
+    try:
+        yield shapes
+    finally:
+        hook.remove()
+
+
 def test_a_batch_runs_only_the_facts_still_writing_and_checks_the_finished_ones_again(
         tiny_llama, tiny_tokenizer, facts, monkeypatch):
     """Once a fact of a batch has finished, later passes run the other facts' rows only; when those
@@ -534,16 +548,10 @@ def test_a_batch_runs_only_the_facts_still_writing_and_checks_the_finished_ones_
         return verdict
 
     monkeypatch.setattr(MendEditor, "_taken", scripted)
-    rows_run = []
-    hook = tiny_llama.model.layers[-1].register_forward_pre_hook(
-        lambda _m, args, kwargs: rows_run.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
-        with_kwargs=True)
-    try:
+    with _last_block_inputs(tiny_llama) as shapes:
         delta = editor.compute_delta(tiny_llama, tiny_tokenizer, [a, b])
-    finally:
-        hook.remove()
     assert asked == [2, 1, 1, 2, 1, 1, 2] and len(asked) == len(verdicts)
-    assert rows_run == [2, 2, 1, 1, 2, 1, 1, 2]  # pass 1 (no check), then as scripted
+    assert [rows for rows, _ in shapes] == [2, 2, 1, 1, 2, 1, 1, 2]  # pass 1 (no check), then as scripted
     # passes 1, 2, 3 and 5 wrote: a in 1 and 5, b in 1, 2 and 3
     assert delta.meta["passes"] == "4" and delta.meta["passes_per_request"] == "2,3"
     assert delta.updates[name].rank == 2 + 1 + 1 + 1  # one row per fact written in each pass
@@ -563,19 +571,13 @@ def test_passes_run_without_the_last_input_column_and_give_the_same_delta(tiny_l
                                                     refine_seconds=60, preserve_lambda=1.0, preserve_keys="last"))
     editor.use_statistics(stats, tiny_llama)
     full_width = build_batch(tiny_tokenizer, [r.prompt for r in reqs], [r.target for r in reqs]).input_ids.shape[1]
-    widths = []
-    hook = tiny_llama.model.layers[-1].register_forward_pre_hook(
-        lambda _m, args, kwargs: widths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
-        with_kwargs=True)
-    try:
+    with _last_block_inputs(tiny_llama) as shapes:
         short = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
-        assert set(widths) == {full_width - 1}
-        widths.clear()
-        monkeypatch.setattr(editor_module, "without_last_input", lambda batch: None)
+    assert {width for _, width in shapes} == {full_width - 1}
+    monkeypatch.setattr(editor_module, "without_last_input", lambda batch: None)
+    with _last_block_inputs(tiny_llama) as shapes:
         full = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
-        assert set(widths) == {full_width}
-    finally:
-        hook.remove()
+    assert {width for _, width in shapes} == {full_width}
     assert short.meta["passes"] == full.meta["passes"] == "3"
     for name, upd in full.updates.items():
         torch.testing.assert_close(short.updates[name].dense(), upd.dense(), rtol=1e-4, atol=1e-7)
