@@ -335,6 +335,9 @@ class MendEditor:
         solved_at: dict[str, torch.Tensor] = {}  # target -> (B, d_in) each row's key at its latest pass
         bare_at: dict[str, torch.Tensor] = {}  # target -> (B, d_in) each row's bare key at its latest pass
         written = torch.zeros(n, dtype=torch.long, device=device)  # (n,) passes that wrote each
+        # (n,) took at this pass's check and write their last extra pass in it: they are done, and no forward
+        # runs only to check them again (a batch's facts are all checked once at the end)
+        last = torch.zeros(n, dtype=torch.bool, device=device)
         verified = False  # every request was just checked again, and no pass has written since
         while True:
             ids = running.nonzero().squeeze(-1)  # (m,) the requests this pass runs
@@ -345,6 +348,7 @@ class MendEditor:
 
             def check(took: torch.Tensor, ids: torch.Tensor = ids) -> torch.Tensor:  # (m,) -> (m,) to write
                 extra[ids] -= took.to(extra.dtype)
+                last[ids] = took & (extra[ids] == 0)
                 return ~(took & (extra[ids] < 0))
 
             # from the second pass on, its forward is also the check: stop once every target token is greedy
@@ -356,34 +360,39 @@ class MendEditor:
                 run=_tail_run(model, first, states, batch.attention_mask, select, rows if part else None),
                 check=check if passes > 0 else None, size=size,
                 held={name: k[~running[request_of_row]] for name, k in solved_at.items()} if part else None)
-            if found is None:
-                if not part or verified:
+            if found is not None:
+                verified = False
+                updates, keys, writing = found
+                written[ids] += writing.long()
+                for name, upd in updates.items():
+                    so_far[name].append(upd)
+                if narrows and inverses:
+                    for name, k in keys.items():  # (b, d_in) the keys this pass's rows were solved at
+                        solved_at[name] = solved_at.get(name, torch.zeros(len(request_of_row), k.shape[1],
+                                                                          dtype=k.dtype, device=device)
+                                                        ).index_copy(0, rows, k)
+                # the first pass's keys, where the facts were before this edit; the bare prompts' only
+                journaled = journaled or {name: k[:: len(wordings)] for name, k in keys.items()}
+                passes += 1
+                if passes > self.config.refine_passes or time.perf_counter() > deadline:
                     break
-                # the finished requests were not run since they finished: one forward over every row checks
-                # them all again, and those that no longer take (later facts' passes moved them) write again
-                with torch.no_grad(), added_updates(model, _joined(so_far)):
-                    logits = _tail_run(model, first, states, batch.attention_mask, select, None)()  # (N, V)
-                    running = ~self._taken(logits, batch, request_of_row)  # (n,)
-                if not bool(running.any()):
+                if not narrows:
+                    continue
+                running[ids] = writing & ~last[ids]
+                if bool(running.any()):
+                    continue
+                if n == 1:  # its take was checked before its extra passes, which push the same way
                     break
-                verified = True
-                continue
-            verified = False
-            updates, keys, writing = found
-            written[ids] += writing.long()
-            for name, upd in updates.items():
-                so_far[name].append(upd)
-            if narrows and inverses:
-                for name, k in keys.items():  # (b, d_in) the keys this pass's rows were solved at
-                    solved_at[name] = solved_at.get(name, torch.zeros(len(request_of_row), k.shape[1], dtype=k.dtype,
-                                                                      device=device)).index_copy(0, rows, k)
-            # the first pass's keys, where the facts were before this edit; the bare prompts' only
-            journaled = journaled or {name: k[:: len(wordings)] for name, k in keys.items()}
-            passes += 1
-            if passes > self.config.refine_passes or time.perf_counter() > deadline:
+            elif not part or verified:
                 break
-            if narrows:
-                running[ids] = writing
+            # every request has finished, some unchecked since: one forward over every row checks them all
+            # again, and those that no longer take (later facts' passes moved them back) write again
+            with torch.no_grad(), added_updates(model, _joined(so_far)):
+                logits = _tail_run(model, first, states, batch.attention_mask, select, None)()  # (N, V)
+                running = ~self._taken(logits, batch, request_of_row)  # (n,)
+            if not bool(running.any()):
+                break
+            verified = True
         meta = {"method": self.method, "editor": self.editor_id, "n_requests": str(len(requests)),
                 "passes": str(passes)}
         if len(requests) > 1:

@@ -128,13 +128,18 @@ def test_extra_passes_run_after_the_prompt_takes(tiny_llama, tiny_tokenizer, fac
     with torch.no_grad():
         top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
     req = [EditRequest(f["prompt"], tiny_tokenizer.decode([top]))]  # taken already: the check says so each pass
-    deltas = {}
+    deltas, forwards = {}, {}
     for extra in (0, 2):
         editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=5, refine_seconds=60,
                                                         extra_passes=extra))
-        deltas[extra] = editor.compute_delta(tiny_llama, tiny_tokenizer, req)
+        with _last_block_inputs(tiny_llama) as shapes:
+            deltas[extra] = editor.compute_delta(tiny_llama, tiny_tokenizer, req)
+        forwards[extra] = len(shapes)
     assert deltas[0].meta["passes"] == "1" and "extra_passes" not in deltas[0].meta
     assert deltas[2].meta["passes"] == "3" and deltas[2].meta["extra_passes"] == "2"
+    # without extra passes the second forward is the check that stops the edit; with them, the take was
+    # checked before they ran and no forward runs after the last one only to check it again
+    assert forwards == {0: 2, 2: 3}
     # the first pass is the same edit; the extra ones add their rows
     for name, upd in deltas[2].updates.items():
         assert upd.rank == 3 * deltas[0].updates[name].rank
