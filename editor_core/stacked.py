@@ -56,7 +56,7 @@ def stacked_curve(
 
     ``pre_cache``: a JSON file of the unedited scores (every score a point compares against, and each
     neighbour's greedy answer), read when it was made on the same model for the same records (or more
-    of them, in the same order) and written otherwise; used only when the stack holds no edits on entry.
+    of them, in any order) and written otherwise; used only when the stack holds no edits on entry.
     Scoring 1,000 records takes about a quarter of an hour on one CPU thread, and every run on the
     same records needs the same figures.
 
@@ -157,10 +157,12 @@ def _unedited_scores(model, tokenizer, stack, records: list[EditRecord], path: P
     ids = [r.case_id for r in records]
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("fingerprint") == stack.fingerprint and saved["case_ids"][: len(ids)] == ids:
+        where = {case: i for i, case in enumerate(saved["case_ids"])}  # a record's scores do not depend on order
+        if saved.get("fingerprint") == stack.fingerprint and all(case in where for case in ids):
             log.info("unedited scores of %d records from %s", len(ids), path)
-            pre = [RecordScores.from_dict(d) for d in saved["pre"][: len(ids)]]
-            return pre, saved["locality_greedy"][: len(ids)]
+            at = [where[case] for case in ids]
+            return ([RecordScores.from_dict(saved["pre"][i]) for i in at],
+                    [saved["locality_greedy"][i] for i in at])
     pre = score_records(model, tokenizer, records)
     loc_greedy = locality_greedy(model, tokenizer, records)
     if path is not None:

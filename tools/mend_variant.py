@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--single", type=int, default=0, help="score this many records one edit at a time")
     p.add_argument("--stacked", type=int, default=0, help="stack this many records' edits")
     p.add_argument("--checkpoints", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--order-seed", type=int, default=None,
+                   help="stack the same records in an order shuffled with this seed (the spread a run's order "
+                        "and rounding give a long stack)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(args.data, skip_empty=True)  # zsRE holds two questions with no new answer
     out = Path(f"runs/variants/mend-{args.name}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = {"name": args.name, "editor": str(shipped), **{k: getattr(editor.config, k) for k in TUNABLE},
+    base = {"name": args.name, "editor": str(shipped), "order_seed": args.order_seed,
+            **{k: getattr(editor.config, k) for k in TUNABLE},
             "targets": [t.name for t in editor.targets]}
 
     def write(row: dict) -> None:
@@ -115,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                    "edit_s_median": round(point["edit_ms"].get("median", 0) / 1000, 3),
                    "seconds": round(time.time() - t0)})
 
-        stacked_curve(model, tok, stack, editor, records[: args.stacked], args.checkpoints,
+        stacked = records[: args.stacked]
+        if args.order_seed is not None:
+            order = torch.randperm(len(stacked), generator=torch.Generator().manual_seed(args.order_seed)).tolist()
+            stacked = [stacked[i] for i in order]
+        stacked_curve(model, tok, stack, editor, stacked, args.checkpoints,
                       canaries=CanarySet(model, tok), on_point=on_point,
                       pre_cache=out.parent / f"unedited-{Path(args.data).stem}-mend-stack.json")  # keyed by the stack
     return 0

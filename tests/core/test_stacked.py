@@ -3,6 +3,8 @@ the stack is left with the edits it had on entry."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import FIXTURES
 from test_evaluate import FixedEditor
@@ -42,7 +44,7 @@ def test_checkpoints_beyond_the_records_are_refused(tiny_llama, tiny_tokenizer, 
         stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[:3], [10], progress=False)
 
 
-def test_unedited_scores_are_cached_for_the_same_model_and_records(tiny_llama, tiny_tokenizer, records, tmp_path,
+def test_unedited_scores_are_cached_for_the_same_model_and_records_in_any_order(tiny_llama, tiny_tokenizer, records, tmp_path,
                                                                     monkeypatch):
     import editor_core.stacked as stacked
 
@@ -64,9 +66,19 @@ def test_unedited_scores_are_cached_for_the_same_model_and_records(tiny_llama, t
                           progress=False, pre_cache=cache)
     assert again[0]["pre"] == first[0]["pre"]
     assert calls == [3]
-    # other records: not in the cache, so scored
+    # the same records in another order (a shuffled stack): read from the cache, each record's own scores
+    calls.clear()
+    shuffled = stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[5::-1], [6],
+                             progress=False, pre_cache=cache)
+    assert shuffled[0]["pre"] == first[1]["pre"]  # the mean over the same six records
+    assert calls == [6]
+    saved = json.loads(cache.read_text())
+    pre, greedy = stacked._unedited_scores(tiny_llama, tiny_tokenizer, stack, records[5::-1], cache)
+    assert json.loads(json.dumps([p.to_dict() for p in pre])) == saved["pre"][5::-1]  # each record its own scores
+    assert greedy == saved["locality_greedy"][5::-1]
+    # a record the cache does not hold: scored
     with pytest.raises(AssertionError, match="scored again"):
-        stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[1:4], [3],
+        stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[4:8], [3],
                       progress=False, pre_cache=cache)
 
 
