@@ -86,7 +86,8 @@ class MendConfig:
     first_pass_times: float = 1.0
     # the edit is also made, and checked, behind each of these prefixes (one more batch row each), as
     # MEMIT reads its value behind several prefixes, so that the edit is not made for its one wording
-    # only; later edits keep the bare prompt's keys. Needs preserve_keys "last" when re-solving
+    # only. The rows behind them give gradient; the re-solve keeps the change at the bare prompt's key
+    # (averaged over key_prefixes when set), one per request. Needs preserve_keys "last" when re-solving
     edit_prefixes: list[str] = field(default_factory=list)
     # each request's edit loss (its mean target NLL) is multiplied by this before the nets read its
     # gradient. `mend train` makes one batched edit of `edits_per_step` facts per step from the batch's
@@ -121,9 +122,9 @@ class MendConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if self.edit_prefixes and self.preserve_lambda > 0 and self.preserve_keys != "last":
-            raise ValueError("edit_prefixes with a re-solve needs preserve_keys 'last' (one key per batch row)")
-        if self.key_prefixes and (self.preserve_keys != "last" or self.edit_prefixes):
-            raise ValueError("key_prefixes needs preserve_keys 'last' and no edit_prefixes (one key per request)")
+            raise ValueError("edit_prefixes with a re-solve needs preserve_keys 'last' (one key per request)")
+        if self.key_prefixes and self.preserve_keys != "last":
+            raise ValueError("key_prefixes needs preserve_keys 'last' (one key per request)")
 
     def to_dict(self) -> dict:
         return asdict(self)

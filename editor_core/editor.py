@@ -210,7 +210,10 @@ class MendEditor:
         if factors is None:
             return None
         with torch.no_grad():
-            rows = last_of_each_row(factors.row) if self.config.preserve_keys == "last" else slice(None)
+            # "last": one key per request, its bare prompt's last factor token (the first of its rows; those
+            # behind edit_prefixes give gradient, not keys)
+            rows = (last_of_each_row(factors.row)[first_of_each(request_of_row)]
+                    if self.config.preserve_keys == "last" else slice(None))
             keys = {name: factors.x[name][rows] for name in inverses}  # (n, d_in) each
             if mean_keys is not None:
                 with added_updates(model, _joined(so_far)):
@@ -332,8 +335,8 @@ class MendEditor:
         # fact no longer costs every fact's rows); their keys stay in the re-solve as they were last solved
         # at. Only where the re-solve has one key per row (or none): "all" keys would need every token
         narrows = not inverses or self.config.preserve_keys == "last"
-        solved_at: dict[str, torch.Tensor] = {}  # target -> (B, d_in) each row's key at its latest pass
-        bare_at: dict[str, torch.Tensor] = {}  # target -> (B, d_in) each row's bare key at its latest pass
+        solved_at: dict[str, torch.Tensor] = {}  # target -> (n, d_in) each request's key at its latest pass
+        bare_at: dict[str, torch.Tensor] = {}  # target -> (n, d_in) each request's bare key at its latest pass
         written = torch.zeros(n, dtype=torch.long, device=device)  # (n,) passes that wrote each
         # (n,) took at this pass's check and write their last extra pass in it: they are done, and no forward
         # runs only to check them again (a batch's facts are all checked once at the end)
@@ -356,10 +359,10 @@ class MendEditor:
             found = self._pass(
                 model, _rows_of_batch(batch, rows) if part else batch, so_far, inverses,
                 local[request_of_row[rows]] if part else request_of_row,
-                _narrowed_keys(mean_keys, bare_at, rows, local) if mean_keys else None,
+                _narrowed_keys(mean_keys, bare_at, ids, local) if mean_keys else None,
                 run=_tail_run(model, first, states, batch.attention_mask, select, rows if part else None),
                 check=check if passes > 0 else None, size=size,
-                held={name: k[~running[request_of_row]] for name, k in solved_at.items()} if part else None)
+                held={name: k[~running] for name, k in solved_at.items()} if part else None)
             if found is not None:
                 verified = False
                 updates, keys, writing = found
@@ -367,12 +370,11 @@ class MendEditor:
                 for name, upd in updates.items():
                     so_far[name].append(upd)
                 if narrows and inverses:
-                    for name, k in keys.items():  # (b, d_in) the keys this pass's rows were solved at
-                        solved_at[name] = solved_at.get(name, torch.zeros(len(request_of_row), k.shape[1],
-                                                                          dtype=k.dtype, device=device)
-                                                        ).index_copy(0, rows, k)
-                # the first pass's keys, where the facts were before this edit; the bare prompts' only
-                journaled = journaled or {name: k[:: len(wordings)] for name, k in keys.items()}
+                    for name, k in keys.items():  # (m, d_in) the keys this pass's requests were solved at
+                        solved_at[name] = solved_at.get(name, torch.zeros(n, k.shape[1], dtype=k.dtype,
+                                                                          device=device)).index_copy(0, ids, k)
+                # the first pass's keys, where the facts were before this edit (the bare prompts')
+                journaled = journaled or dict(keys)
                 passes += 1
                 if passes > self.config.refine_passes or time.perf_counter() > deadline:
                     break
@@ -424,6 +426,13 @@ def statistics_path(editor_dir: str | Path) -> Path:
     return own if own.exists() else Path(editor_dir) / LOCATE_STATS_FILE
 
 
+def first_of_each(owner: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the first of each run of equal values in ``owner`` (B,), e.g. each request's first batch row."""
+    first = torch.ones_like(owner, dtype=torch.bool)  # (B,)
+    first[1:] = owner[1:] != owner[:-1]
+    return first
+
+
 def last_of_each_row(row: torch.Tensor) -> torch.Tensor:
     """(B,) index of the last factor token of each batch row, from the tokens' rows (N,) in order."""
     last = torch.ones_like(row, dtype=torch.bool)  # (N,)
@@ -446,16 +455,16 @@ def _rows_of_batch(batch: TokenBatch, rows: torch.Tensor) -> TokenBatch:
     return TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], key)
 
 
-def _narrowed_keys(mean_keys: MeanKeys, bare_at: dict[str, torch.Tensor], rows: torch.Tensor,
+def _narrowed_keys(mean_keys: MeanKeys, bare_at: dict[str, torch.Tensor], ids: torch.Tensor,
                    local: torch.Tensor) -> MeanKeys:
-    """``mean_keys`` for a pass that runs the batch rows ``rows`` (b,) only (one row per request with
-    key_prefixes). ``bare_at`` (target -> (B, d_in)) keeps each row's bare key from the latest pass that
-    ran it; ``local`` (n,) maps a request to its index in this pass (-1: not run). The averaged keys
-    returned are this pass's requests', indexed as in this pass."""
+    """``mean_keys`` for a pass that runs the requests ``ids`` (m,) only. ``bare_at`` (target -> (n, d_in))
+    keeps each request's bare key from the latest pass that ran it; ``local`` (n,) maps a request to its
+    index in this pass (-1: not run). The averaged keys returned are this pass's requests', indexed as
+    in this pass."""
     def read(bare: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        for name, k in bare.items():  # (b, d_in)
+        for name, k in bare.items():  # (m, d_in)
             known = bare_at.get(name, torch.zeros(len(local), k.shape[1], dtype=k.dtype, device=k.device))
-            bare_at[name] = known.index_copy(0, rows, k)
+            bare_at[name] = known.index_copy(0, ids, k)
         index, averaged = mean_keys(dict(bare_at))  # (s,) requests with a subject, (s, d_in) each
         mine = local[index] >= 0  # (s,) those this pass runs
         return local[index][mine], {name: a[mine] for name, a in averaged.items()}

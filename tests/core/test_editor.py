@@ -337,18 +337,26 @@ def test_edit_prefixes_edit_behind_each_prefix_and_journal_the_bare_prompt_s_key
     stats = collect_key_stats(tiny_llama, tiny_tokenizer, texts, [1], progress=False)
     reqs = [EditRequest(f["prompt"], f["target_new"], subject=f["subject"]) for f in facts[:2]]
     deltas = {}
-    for prefixes in ([], ["I read that ", "As everyone knows, "]):
+    for prefixes, averaged in (([], []), (["I read that ", "As everyone knows, "], []),
+                               ([], ["Here is a fact: "]), (["I read that ", "As everyone knows, "], ["Here is a fact: "])):
         editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2, factor_tokens="subject",
                                                         preserve_lambda=1.0, preserve_keys="last",
-                                                        edit_prefixes=prefixes))
+                                                        edit_prefixes=prefixes, key_prefixes=averaged))
         (name,) = editor.use_statistics(stats, tiny_llama)
-        deltas[len(prefixes)] = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
-    bare, behind = deltas[0], deltas[2]
-    # the re-solve keeps the change at one key per batch row: 3 rows per request behind two prefixes
-    assert bare.updates[name].rank == 2 and behind.updates[name].rank == 6
-    # later edits keep the bare prompts' keys only, the same keys an edit without prefixes journals
+        deltas[len(prefixes), len(averaged)] = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+    bare, behind = deltas[0, 0], deltas[2, 0]
+    # the rows behind the prefixes give gradient (another update), and the re-solve keeps the change at one
+    # key per request, its bare prompt's, whatever the rows: the same keys an edit without prefixes journals
+    assert bare.updates[name].rank == 2 and behind.updates[name].rank == 2
     torch.testing.assert_close(behind.keys[name], bare.keys[name])
+    assert not torch.allclose(behind.updates[name].u, bare.updates[name].u)
     assert behind.meta["edit_prefixes"] == "2" and "edit_prefixes" not in bare.meta
+    # with key_prefixes too, that one key is the bare prompt's averaged over the key wordings, as without
+    # edit_prefixes (each request's own: the rows behind the edit prefixes do not shift whose key is whose)
+    keyed, both = deltas[0, 1], deltas[2, 1]
+    assert both.updates[name].rank == 2
+    torch.testing.assert_close(both.keys[name], keyed.keys[name])
+    assert not torch.allclose(both.keys[name], bare.keys[name])
 
 
 def test_a_batch_of_facts_is_the_sum_of_each_fact_edited_alone(tiny_llama, tiny_tokenizer, facts):
