@@ -44,8 +44,8 @@ def test_checkpoints_beyond_the_records_are_refused(tiny_llama, tiny_tokenizer, 
         stacked_curve(tiny_llama, tiny_tokenizer, stack, FixedEditor(stack), records[:3], [10], progress=False)
 
 
-def test_unedited_scores_are_cached_for_the_same_model_and_records_in_any_order(tiny_llama, tiny_tokenizer, records, tmp_path,
-                                                                    monkeypatch):
+def test_unedited_scores_are_cached_for_the_same_model_and_records_in_any_order(
+        tiny_llama, tiny_tokenizer, records, tmp_path, monkeypatch):
     import editor_core.stacked as stacked
 
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama, ["model.layers.1.mlp.down_proj"]))
