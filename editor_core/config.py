@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
                     "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes",
-                    "extra_passes", "key_reads", "first_pass_times", "take_nll")
+                    "extra_passes", "key_reads", "first_pass_times", "take_nll", "edit_prefixes_from")
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -27,7 +27,8 @@ def parse_setting(item: str) -> tuple[str, object]:
     if name in ("edit_prefixes", "key_prefixes"):  # e.g. "The following is true. |I read that "
         value: object = [x for x in text.split("|") if x]
     else:
-        value = {"refine_passes": int, "extra_passes": int, "preserve_keys": str, "key_reads": str}.get(name, float)(text)
+        value = {"refine_passes": int, "extra_passes": int, "preserve_keys": str, "key_reads": str,
+                 "edit_prefixes_from": str}.get(name, float)(text)
     # MendConfig's own checks, on a config that re-solves at the last key
     MendConfig(**{"preserve_lambda": 1.0, "preserve_keys": "last", name: value})
     return name, value
@@ -89,6 +90,10 @@ class MendConfig:
     # only. The rows behind them give gradient; the re-solve keeps the change at the bare prompt's key
     # (averaged over key_prefixes when set), one per request. Needs preserve_keys "last" when re-solving
     edit_prefixes: list[str] = field(default_factory=list)
+    # when the rows behind edit_prefixes join a request's passes: "first_pass" (all of them); "take" once
+    # its bare prompt has taken (the passes before run its bare prompt alone, one row instead of
+    # 1 + len(edit_prefixes)), so the extra passes and the checks after them cover every wording
+    edit_prefixes_from: str = "first_pass"
     # each request's edit loss (its mean target NLL) is multiplied by this before the nets read its
     # gradient. `mend train` makes one batched edit of `edits_per_step` facts per step from the batch's
     # mean NLL, so the nets were trained on one fact's gradient at about 1/edits_per_step of its size
@@ -121,6 +126,8 @@ class MendConfig:
         for name in ("pass_scale", "gradient_scale", "first_pass_times"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
+        if self.edit_prefixes_from not in ("first_pass", "take"):
+            raise ValueError(f"edit_prefixes_from must be 'first_pass' or 'take', got {self.edit_prefixes_from!r}")
         if self.edit_prefixes and self.preserve_lambda > 0 and self.preserve_keys != "last":
             raise ValueError("edit_prefixes with a re-solve needs preserve_keys 'last' (one key per request)")
         if self.key_prefixes and self.preserve_keys != "last":

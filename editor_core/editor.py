@@ -331,6 +331,10 @@ class MendEditor:
         n = len(requests)
         extra = torch.full((n,), self.config.extra_passes, device=device)  # (n,)
         running = torch.ones(n, dtype=torch.bool, device=device)  # (n,) requests the next pass runs
+        # (n,) requests whose rows behind the edit prefixes run: all, or (edit_prefixes_from "take") those
+        # whose bare prompt has taken; (B,) the bare prompt's rows, which every running request runs
+        wide = torch.full((n,), self.config.edit_prefixes_from == "first_pass", device=device)
+        bare_row = torch.arange(len(request_of_row), device=device) % len(wordings) == 0
         # a pass runs only the rows of the requests still writing, once some have finished (a batch's hardest
         # fact no longer costs every fact's rows); their keys stay in the re-solve as they were last solved
         # at. Only where the re-solve has one key per request (or none): "all" keys would need every token
@@ -341,13 +345,14 @@ class MendEditor:
         verified = False  # every request was just checked again, and no pass has written since
         while True:
             ids = running.nonzero().squeeze(-1)  # (m,) the requests this pass runs
-            rows = running[request_of_row].nonzero().squeeze(-1)  # (b,) their batch rows
-            part = len(ids) < n
+            rows = (running[request_of_row] & (bare_row | wide[request_of_row])).nonzero().squeeze(-1)  # (b,)
+            part = len(rows) < len(request_of_row)
             local = torch.full((n,), -1, dtype=torch.long, device=device)
             local[ids] = torch.arange(len(ids), device=device)  # request -> its index in this pass
 
             def check(took: torch.Tensor, ids: torch.Tensor = ids) -> torch.Tensor:  # (m,) -> (m,) to write
                 extra[ids] -= took.to(extra.dtype)
+                wide[ids] |= took  # its later passes and checks also run it behind the edit prefixes
                 return ~(took & (extra[ids] < 0))
 
             # from the second pass on, its forward is also the check: stop once every target token is greedy
@@ -358,7 +363,7 @@ class MendEditor:
                 _narrowed_keys(mean_keys, bare_at, ids, local) if mean_keys else None,
                 run=_tail_run(model, first, states, batch.attention_mask, select, rows if part else None),
                 check=check if passes > 0 else None, size=size,
-                held={name: k[~running] for name, k in solved_at.items()} if part else None)
+                held={name: k[~running] for name, k in solved_at.items()} if len(ids) < n else None)
             if found is None:
                 if not part or verified:
                     break
@@ -408,6 +413,8 @@ class MendEditor:
             meta["gradient_scale"] = f"{self.config.gradient_scale:g}"
         if self.config.edit_prefixes:
             meta["edit_prefixes"] = str(len(self.config.edit_prefixes))
+            if self.config.edit_prefixes_from != "first_pass":
+                meta["edit_prefixes_from"] = self.config.edit_prefixes_from
         if mean_keys is not None:
             meta["key_prefixes"] = str(len(self.config.key_prefixes))
             if self.config.key_reads != "every_pass":

@@ -359,6 +359,34 @@ def test_edit_prefixes_edit_behind_each_prefix_and_journal_the_bare_prompt_s_key
     assert not torch.allclose(both.keys[name], bare.keys[name])
 
 
+def test_edit_prefixes_from_take_run_a_request_behind_them_once_its_bare_prompt_has_taken(
+        tiny_llama, tiny_tokenizer, facts):
+    with pytest.raises(ValueError, match="edit_prefixes_from"):
+        MendConfig(edit_prefixes_from="later")
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    f = facts[0]
+    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
+    with torch.no_grad():
+        top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
+    taken = EditRequest(f["prompt"], tiny_tokenizer.decode([top]))  # greedy already: it takes at the first check
+    missing = EditRequest(facts[1]["prompt"], facts[1]["target_new"])  # init_lr 1e-6 never makes it take
+    rows, metas = {}, {}
+    for start in ("first_pass", "take"):
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=4, refine_seconds=60,
+                                                        extra_passes=1, edit_prefixes=["I read that "],
+                                                        edit_prefixes_from=start))
+        with _last_block_inputs(tiny_llama) as shapes:
+            metas[start] = editor.compute_delta(tiny_llama, tiny_tokenizer, [taken, missing]).meta
+        rows[start] = [r for r, _ in shapes]
+    # both rows of each request in every pass, against the bare prompts alone until one takes: the first pass
+    # has no check, the second's forward finds the greedy one taken, and from the third on it runs behind the
+    # prefix too (until it has finished its extra pass), while the other stays bare
+    assert rows["first_pass"][:2] == [4, 4]
+    assert rows["take"][:3] == [2, 2, 3]
+    assert max(rows["take"]) == 3 and sum(rows["take"]) < sum(rows["first_pass"])
+    assert metas["take"]["edit_prefixes_from"] == "take" and "edit_prefixes_from" not in metas["first_pass"]
+
+
 def test_a_batch_of_facts_is_the_sum_of_each_fact_edited_alone(tiny_llama, tiny_tokenizer, facts):
     # a batch-mean loss would shrink each fact's gradient by the batch size before the nets read it
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
