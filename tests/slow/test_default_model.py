@@ -59,6 +59,10 @@ def test_edit_is_a_small_low_rank_delta(real):
     delta = editor.compute_delta(
         lm.model, lm.tokenizer, [EditRequest("Toyota Camry is produced by", "Chevrolet", "Toyota Camry")]
     )
+    # each pass adds one rank-1 update per target (the re-solve keeps the change at the request's one key,
+    # the row behind the edit prefix gives gradient only), so the delta grows with its passes, never to dense
+    passes = int(delta.meta["passes"])
+    assert all(u.rank == passes for u in delta.updates.values()), {n: u.rank for n, u in delta.updates.items()}
     dense_bytes = sum(t.d_in * t.d_out * 4 for t in stack.targets.values())
-    assert len(delta.to_bytes()) * 50 < dense_bytes
+    assert len(delta.to_bytes()) * 20 < dense_bytes
     assert all(torch.isfinite(u.u).all() and torch.isfinite(u.v).all() for u in delta.updates.values())
