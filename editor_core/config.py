@@ -7,7 +7,14 @@ from dataclasses import asdict, dataclass, field, fields
 # the fields that decide how an edit is made from the nets' output, not the nets themselves
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
                     "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes",
-                    "extra_passes", "key_reads", "first_pass_times", "take_nll", "edit_prefixes_from")
+                    "extra_passes", "key_reads", "first_pass_times", "take_nll", "edit_prefixes_from",
+                    "check_prefixed")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -28,7 +35,7 @@ def parse_setting(item: str) -> tuple[str, object]:
         value: object = [x for x in text.split("|") if x]
     else:
         value = {"refine_passes": int, "extra_passes": int, "preserve_keys": str, "key_reads": str,
-                 "edit_prefixes_from": str}.get(name, float)(text)
+                 "edit_prefixes_from": str, "check_prefixed": _boolean}.get(name, float)(text)
     # MendConfig's own checks, on a config that re-solves at the last key
     MendConfig(**{"preserve_lambda": 1.0, "preserve_keys": "last", name: value})
     return name, value
@@ -94,6 +101,10 @@ class MendConfig:
     # its bare prompt has taken (the passes before run its bare prompt alone, one row instead of
     # 1 + len(edit_prefixes)), so the extra passes and the checks after them cover every wording
     edit_prefixes_from: str = "first_pass"
+    # whether a request's take is read behind the edit prefixes too (True: it has taken once every wording
+    # gives its target), or on its bare prompt alone (False: the rows behind them give gradient only, and
+    # a request runs as many passes as it would without them)
+    check_prefixed: bool = True
     # each request's edit loss (its mean target NLL) is multiplied by this before the nets read its
     # gradient. `mend train` makes one batched edit of `edits_per_step` facts per step from the batch's
     # mean NLL, so the nets were trained on one fact's gradient at about 1/edits_per_step of its size

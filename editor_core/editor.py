@@ -170,8 +170,8 @@ class MendEditor:
               inverses: dict[str, torch.Tensor], request_of_row: torch.Tensor,
               mean_keys: MeanKeys | None = None,
               run: Callable[[], torch.Tensor] | None = None, check: Check | None = None,
-              size: float = 1.0, held: dict[str, torch.Tensor] | None = None
-              ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor], torch.Tensor] | None:
+              size: float = 1.0, held: dict[str, torch.Tensor] | None = None,
+              checked: torch.Tensor | None = None) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor], torch.Tensor] | None:
         """One forward/backward on the model as the updates ``so_far`` leave it: the next updates, the keys
         the re-solved ones were solved at (target name -> (n, d_in)), and which requests they write (n,).
 
@@ -191,6 +191,7 @@ class MendEditor:
         instead of the bare prompts'. The updates are written times ``size``. ``held`` (target ->
         (h, d_in)): keys of requests of the edit that are not in ``batch`` (they have taken); the
         re-solve asks them for no change, as it does the keys of requests this pass does not write.
+        ``checked`` (B,) bool: the rows whose target tokens the check reads (None: every row).
         """
         scale = self.config.gradient_scale
         n = int(request_of_row.max()) + 1
@@ -201,7 +202,7 @@ class MendEditor:
             return per_request_target_nll(request_of_row, weight)(logits, b) * scale  # times 1.0 is exact
 
         def took_and_stop(logits: torch.Tensor) -> bool:  # (N, V) at the target positions
-            writing.copy_(check(self._taken(logits, batch, request_of_row)))
+            writing.copy_(check(self._taken(logits, batch, request_of_row, checked)))
             return not bool(writing.any())
 
         with added_updates(model, _joined(so_far)):  # output layer at targets only
@@ -239,11 +240,16 @@ class MendEditor:
         return {name: LowRankUpdate((size * u.u if size != 1 else u.u).detach(), u.v.detach())
                 for name, u in updates.items()}, keys, writing
 
-    def _taken(self, logits: torch.Tensor, batch: TokenBatch, request_of_row: torch.Tensor) -> torch.Tensor:
+    def _taken(self, logits: torch.Tensor, batch: TokenBatch, request_of_row: torch.Tensor,
+               checked: torch.Tensor | None = None) -> torch.Tensor:
         """(n,) bool: has each request taken? Every target token of it is greedy in ``logits`` (N, V) at the
-        target positions (and, with ``config.take_nll``, its mean target NLL is at most that)."""
+        target positions, in the rows ``checked`` (B,) bool or every row (and, with ``config.take_nll``,
+        its mean target NLL over every row is at most that)."""
         n = int(request_of_row.max()) + 1
-        missed = label_requests(batch, request_of_row)[logits.argmax(-1) != target_labels(batch)]  # (misses,)
+        wrong = logits.argmax(-1) != target_labels(batch)  # (N,)
+        if checked is not None:
+            wrong &= label_requests(batch, checked)
+        missed = label_requests(batch, request_of_row)[wrong]  # (misses,)
         took = torch.bincount(missed, minlength=n) == 0  # (n,)
         if self.config.take_nll > 0:
             took &= per_request_mean_nll(logits, batch, request_of_row) <= self.config.take_nll
@@ -335,6 +341,7 @@ class MendEditor:
         # whose bare prompt has taken; (B,) the bare prompt's rows, which every running request runs
         wide = torch.full((n,), self.config.edit_prefixes_from == "first_pass", device=device)
         bare_row = torch.arange(len(request_of_row), device=device) % len(wordings) == 0
+        checked = None if self.config.check_prefixed else bare_row  # (B,) the rows the take is read on
         # a pass runs only the rows of the requests still writing, once some have finished (a batch's hardest
         # fact no longer costs every fact's rows); their keys stay in the re-solve as they were last solved
         # at. Only where the re-solve has one key per request (or none): "all" keys would need every token
@@ -363,7 +370,8 @@ class MendEditor:
                 _narrowed_keys(mean_keys, bare_at, ids, local) if mean_keys else None,
                 run=_tail_run(model, first, states, batch.attention_mask, select, rows if part else None),
                 check=check if passes > 0 else None, size=size,
-                held={name: k[~running] for name, k in solved_at.items()} if len(ids) < n else None)
+                held={name: k[~running] for name, k in solved_at.items()} if len(ids) < n else None,
+                checked=checked[rows] if checked is not None and part else checked)
             if found is None:
                 if not part or verified:
                     break
@@ -371,7 +379,7 @@ class MendEditor:
                 # them all again, and those that no longer take (later facts' passes moved them) write again
                 with torch.no_grad(), added_updates(model, _joined(so_far)):
                     logits = _tail_run(model, first, states, batch.attention_mask, select, None)()  # (N, V)
-                    running = ~self._taken(logits, batch, request_of_row)  # (n,)
+                    running = ~self._taken(logits, batch, request_of_row, checked)  # (n,)
                 if not bool(running.any()):
                     break
                 verified = True
@@ -415,6 +423,8 @@ class MendEditor:
             meta["edit_prefixes"] = str(len(self.config.edit_prefixes))
             if self.config.edit_prefixes_from != "first_pass":
                 meta["edit_prefixes_from"] = self.config.edit_prefixes_from
+            if not self.config.check_prefixed:
+                meta["check_prefixed"] = "false"
         if mean_keys is not None:
             meta["key_prefixes"] = str(len(self.config.key_prefixes))
             if self.config.key_reads != "every_pass":

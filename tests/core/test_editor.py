@@ -385,6 +385,20 @@ def test_edit_prefixes_from_take_run_a_request_behind_them_once_its_bare_prompt_
     assert rows["take"][:3] == [2, 2, 3]
     assert max(rows["take"]) == 3 and sum(rows["take"]) < sum(rows["first_pass"])
     assert metas["take"]["edit_prefixes_from"] == "take" and "edit_prefixes_from" not in metas["first_pass"]
+    # check_prefixed false: the take is read on the bare prompt alone, so the greedy request runs the passes
+    # it runs without the prefix (its first, then its extra one), and the prefix's row adds only gradient
+    alone = {}
+    for prefixes, checked in (([], True), (["I read that "], False)):
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=4, refine_seconds=60,
+                                                        extra_passes=1, edit_prefixes=prefixes,
+                                                        check_prefixed=checked))
+        with _last_block_inputs(tiny_llama) as shapes:
+            alone[checked] = editor.compute_delta(tiny_llama, tiny_tokenizer, [taken])
+        assert [r for r, _ in shapes] == [1 + len(prefixes)] * 3
+    assert alone[False].meta["passes"] == alone[True].meta["passes"] == "2"
+    assert alone[False].meta["check_prefixed"] == "false"
+    name = next(iter(alone[True].updates))
+    assert not torch.allclose(alone[False].updates[name].dense(), alone[True].updates[name].dense(), rtol=1e-3, atol=0)
 
 
 def test_a_batch_of_facts_is_the_sum_of_each_fact_edited_alone(tiny_llama, tiny_tokenizer, facts):
@@ -582,7 +596,7 @@ def test_a_batch_runs_only_the_facts_still_writing_and_checks_the_finished_ones_
                 [T, T]]  # the check of every row: both hold
     asked = []
 
-    def scripted(self, logits, batch, request_of_row):
+    def scripted(self, logits, batch, request_of_row, checked=None):
         verdict = torch.tensor(verdicts[len(asked)])
         asked.append(batch.input_ids.shape[0])
         assert verdict.shape[0] == int(request_of_row.max()) + 1  # one verdict per request of that forward
