@@ -385,8 +385,18 @@ def test_edit_prefixes_from_take_run_a_request_behind_them_once_its_bare_prompt_
     assert rows["take"][:3] == [2, 2, 3]
     assert max(rows["take"]) == 3 and sum(rows["take"]) < sum(rows["first_pass"])
     assert metas["take"]["edit_prefixes_from"] == "take" and "edit_prefixes_from" not in metas["first_pass"]
-    # check_prefixed false: the take is read on the bare prompt alone, so the greedy request runs the passes
-    # it runs without the prefix (its first, then its extra one), and the prefix's row adds only gradient
+
+
+def test_check_prefixed_false_reads_the_take_on_the_bare_prompt_and_the_prefix_gives_gradient(
+        tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    f = facts[0]
+    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
+    with torch.no_grad():
+        top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
+    taken = EditRequest(f["prompt"], tiny_tokenizer.decode([top]))  # greedy already: it takes at the first check
+    # the take is read on the bare prompt alone, so the greedy request runs the passes it runs without the
+    # prefix (its first, then its extra one), and the prefix's row adds only gradient
     alone = {}
     for prefixes, checked in (([], True), (["I read that "], False)):
         editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=4, refine_seconds=60,
