@@ -121,13 +121,18 @@ def test_refinement_passes_until_the_target_is_greedy(tiny_llama, tiny_tokenizer
     assert {u.rank for u in many.updates.values()} == {4 * u.rank for u in one.updates.values()}
 
 
+def _greedy_target(model, tokenizer, fact: dict) -> str:
+    """The model's greedy next token after the fact's prompt, as text: a target that has taken already."""
+    b = build_batch(tokenizer, [fact["prompt"]], [fact["target_new"]])
+    with torch.no_grad():
+        top = int(model(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
+    return tokenizer.decode([top])
+
+
 def test_extra_passes_run_after_the_prompt_takes(tiny_llama, tiny_tokenizer, facts):
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     f = facts[0]
-    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
-    with torch.no_grad():
-        top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
-    req = [EditRequest(f["prompt"], tiny_tokenizer.decode([top]))]  # taken already: the check says so each pass
+    req = [EditRequest(f["prompt"], _greedy_target(tiny_llama, tiny_tokenizer, f))]  # taken already: the check says so each pass
     deltas, forwards = {}, {}
     for extra in (0, 2):
         editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-6, refine_passes=5, refine_seconds=60,
@@ -365,10 +370,7 @@ def test_edit_prefixes_from_take_run_a_request_behind_them_once_its_bare_prompt_
         MendConfig(edit_prefixes_from="later")
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     f = facts[0]
-    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
-    with torch.no_grad():
-        top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
-    taken = EditRequest(f["prompt"], tiny_tokenizer.decode([top]))  # greedy already: it takes at the first check
+    taken = EditRequest(f["prompt"], _greedy_target(tiny_llama, tiny_tokenizer, f))  # it takes at the first check
     missing = EditRequest(facts[1]["prompt"], facts[1]["target_new"])  # init_lr 1e-6 never makes it take
     rows, metas = {}, {}
     for start in ("first_pass", "take"):
@@ -391,10 +393,7 @@ def test_check_prefixed_false_reads_the_take_on_the_bare_prompt_and_the_prefix_g
         tiny_llama, tiny_tokenizer, facts):
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     f = facts[0]
-    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
-    with torch.no_grad():
-        top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
-    taken = EditRequest(f["prompt"], tiny_tokenizer.decode([top]))  # greedy already: it takes at the first check
+    taken = EditRequest(f["prompt"], _greedy_target(tiny_llama, tiny_tokenizer, f))  # it takes at the first check
     # the take is read on the bare prompt alone, so the greedy request runs the passes it runs without the
     # prefix (its first, then its extra one), and the prefix's row adds only gradient
     alone = {}
@@ -546,10 +545,7 @@ def test_a_fact_of_a_batch_stops_when_it_takes_and_the_others_go_on(tiny_llama, 
     stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
     stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
     f, g = facts[0], facts[1]
-    b = build_batch(tiny_tokenizer, [f["prompt"]], [f["target_new"]])
-    with torch.no_grad():
-        top = int(tiny_llama(input_ids=b.input_ids).logits[0, b.target_mask[0].nonzero()[0, 0]].argmax())
-    easy = EditRequest(f["prompt"], tiny_tokenizer.decode([top]), subject=f["subject"])  # greedy already
+    easy = EditRequest(f["prompt"], _greedy_target(tiny_llama, tiny_tokenizer, f), subject=f["subject"])
     hard = EditRequest(g["prompt"], g["target_new"], subject=g["subject"])  # a tiny step never takes
     config = MendConfig(rank=8, init_lr=1e-6, factor_tokens="subject", refine_passes=3, refine_seconds=60,
                         preserve_lambda=1.0, preserve_keys="last")
