@@ -4,10 +4,10 @@ A MEND pass runs the blocks above the first edited one forward and back on its r
 ``edit_prefixes`` each fact runs two rows, its bare prompt and the prompt behind the prefix, padded to
 the longer one. This times that pass shape beside the bare row alone and beside two bare-length rows
 (what a prefixed row would cost if the prefix's states were cached and only the prompt's tokens ran),
-so the gain of such a cache can be judged before it is built. The loss reads the last token of each
-row, as an edit's loss reads its target tokens; the weights get no gradient, as in an edit's pass.
+so the gain of such a cache can be judged before it is built. The rows are built as an edit builds
+them and the loss reads the target positions; the weights get no gradient, as in an edit's pass.
 
-    python -m tools.pass_cost [--prompt TEXT] [--prefix TEXT] [--first 4] [--reps 30] [--threads 1]
+    python -m tools.pass_cost [--prompt TEXT] [--target TEXT] [--subject TEXT] [--prefix TEXT] [--first 4] [--reps 30] [--threads 1]
 """
 
 from __future__ import annotations
@@ -19,33 +19,39 @@ import time
 
 import torch
 
+from editor_core.batching import build_batch, target_positions, without_last_input
 from editor_core.models import load
 from editor_core.tail import prefix_states, tail_logits
 
 log = logging.getLogger("pass_cost")
 
 
-def pass_seconds(model, tokenizer, texts: list[str], first: int, reps: int) -> tuple[float, tuple[int, int]]:
-    """Median seconds of a tail forward+backward on ``texts`` (right-padded), and the batch shape (B, T)."""
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    states = prefix_states(model, enc.input_ids, enc.attention_mask, first)  # (B, T, d)
-    select = torch.zeros_like(enc.attention_mask, dtype=torch.bool)  # (B, T): each row's last real token
-    select[torch.arange(len(texts)), enc.attention_mask.sum(1) - 1] = True
+def pass_seconds(model, tokenizer, prompts: list[str], target: str, subject: str, first: int, reps: int
+                 ) -> tuple[float, tuple[int, int]]:
+    """Median seconds of a tail forward+backward on ``prompt + " " + target`` rows built as an edit builds
+    them (:func:`build_batch` with the subject, one column shorter, the loss at the target positions), and
+    the rows' shape (B, T)."""
+    batch = build_batch(tokenizer, prompts, [target] * len(prompts), subjects=[subject] * len(prompts))
+    batch = without_last_input(batch) or batch
+    states = prefix_states(model, batch.input_ids, batch.attention_mask, first)  # (B, T, d)
+    select = target_positions(batch)  # (B, T)
     times = []
     for _ in range(reps):
         s = states.clone().requires_grad_(True)
         start = time.perf_counter()
-        logits = tail_logits(model, first, s, enc.attention_mask, select)  # (B, V)
+        logits = tail_logits(model, first, s, batch.attention_mask, select)  # (N, V)
         logits.logsumexp(-1).sum().backward()
         times.append(time.perf_counter() - start)
     warm = times[min(5, reps - 1):]  # the first calls pay for allocation
-    return statistics.median(warm), tuple(enc.input_ids.shape)
+    return statistics.median(warm), tuple(batch.input_ids.shape)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompt", default="The mother tongue of Danielle Darrieux is English")
+    parser.add_argument("--prompt", default="The mother tongue of Danielle Darrieux is")
+    parser.add_argument("--target", default="English")
+    parser.add_argument("--subject", default="Danielle Darrieux")
     parser.add_argument("--prefix", default="She closed the book and looked outside. ")
     parser.add_argument("--first", type=int, default=4, help="the first edited block")
     parser.add_argument("--reps", type=int, default=30)
@@ -59,15 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = lm.model, lm.tokenizer
     for p in model.parameters():
         p.requires_grad_(False)
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     shapes = [("bare prompt", [args.prompt]),
               ("two bare-length rows (a cached prefix)", [args.prompt, args.prompt]),
               ("bare + behind the prefix, padded", [args.prompt, args.prefix + args.prompt])]
     base = None
     for name, texts in shapes:
-        seconds, shape = pass_seconds(model, tokenizer, texts, args.first, args.reps)
+        seconds, shape = pass_seconds(model, tokenizer, texts, args.target, args.subject, args.first, args.reps)
         base = base or seconds
         log.info("%-40s rows x tokens %-8s %7.1f ms  %.2fx the bare prompt", name, f"{shape[0]}x{shape[1]}",
                  seconds * 1000, seconds / base)
