@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
                     "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes",
                     "extra_passes", "key_reads", "first_pass_times", "take_nll", "edit_prefixes_from",
-                    "check_prefixed")
+                    "check_prefixed", "edit_prefix_cache")
 
 
 def _boolean(text: str) -> bool:
@@ -35,7 +35,8 @@ def parse_setting(item: str) -> tuple[str, object]:
         value: object = [x for x in text.split("|") if x]
     else:
         value = {"refine_passes": int, "extra_passes": int, "preserve_keys": str, "key_reads": str,
-                 "edit_prefixes_from": str, "check_prefixed": _boolean}.get(name, float)(text)
+                 "edit_prefixes_from": str, "check_prefixed": _boolean,
+                 "edit_prefix_cache": _boolean}.get(name, float)(text)
     # MendConfig's own checks, on a config that re-solves at the last key
     MendConfig(**{"preserve_lambda": 1.0, "preserve_keys": "last", name: value})
     return name, value
@@ -105,6 +106,12 @@ class MendConfig:
     # gives its target), or on its bare prompt alone (False: the rows behind them give gradient only, and
     # a request runs as many passes as it would without them)
     check_prefixed: bool = True
+    # whether the edit prefixes' keys and values in the edited blocks are computed once per edit, before its
+    # first pass, so that every pass runs a row behind a prefix on the prompt's tokens only (a prefixed row
+    # then costs about a bare row). The first pass is exact; later passes read the prefix as the model
+    # was before the edit, where the exact run (False) reads it as the passes so far leave it: the prefix
+    # is ordinary text, which the re-solve keeps the edit off
+    edit_prefix_cache: bool = True
     # each request's edit loss (its mean target NLL) is multiplied by this before the nets read its
     # gradient. `mend train` makes one batched edit of `edits_per_step` facts per step from the batch's
     # mean NLL, so the nets were trained on one fact's gradient at about 1/edits_per_step of its size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from editor_core.batching import (
     label_requests,
     per_request_mean_nll,
     per_request_target_nll,
+    prompt_ids,
     target_labels,
     target_positions,
     without_last_input,
@@ -35,7 +37,7 @@ from editor_core.requests import EditRequest
 from editor_core.stack import EditStack
 from editor_core.stats import STATS_FILE as LOCATE_STATS_FILE
 from editor_core.stats import KeyStats, StatsError
-from editor_core.tail import prefix_states, tail_logits
+from editor_core.tail import SplitTail, checked_split, prefix_states, tail_logits
 from editor_core.targets import Target, out_proj_targets, resolve_targets
 
 log = logging.getLogger(__name__)
@@ -331,6 +333,10 @@ class MendEditor:
                      if self.config.key_prefixes and self.preserved else None)
         states = prefix_states(model, batch.input_ids, batch.attention_mask, first)  # (B, T, d)
         select = target_positions(batch)  # (B, T)
+        split = (_prefix_split(model, tokenizer, batch, states, select, wordings, first)
+                 if self.config.edit_prefixes and self.config.edit_prefix_cache else None)
+        if split is not None:  # from here on every row runs from its prompt on (B, T2), its prefix cached
+            batch, states, select = split.short_batch(batch), split.short(states), split.short_select(select)
 
         # each request's passes still to run once its prompt has taken: a fact of a batch stops as it would
         # alone, and the other facts' later passes leave it where it is
@@ -368,7 +374,7 @@ class MendEditor:
                 model, _rows_of_batch(batch, rows) if part else batch, so_far, inverses,
                 local[request_of_row[rows]] if part else request_of_row,
                 _narrowed_keys(mean_keys, bare_at, ids, local) if mean_keys else None,
-                run=_tail_run(model, first, states, batch.attention_mask, select, rows if part else None),
+                run=_tail_run(model, first, states, batch.attention_mask, select, rows if part else None, split),
                 check=check if passes > 0 else None, size=size,
                 held={name: k[~running] for name, k in solved_at.items()} if len(ids) < n else None,
                 checked=checked[rows] if checked is not None and part else checked)
@@ -378,7 +384,7 @@ class MendEditor:
                 # the finished requests were not run since they finished: one forward over every row checks
                 # them all again, and those that no longer take (later facts' passes moved them) write again
                 with torch.no_grad(), added_updates(model, _joined(so_far)):
-                    logits = _tail_run(model, first, states, batch.attention_mask, select, None)()  # (N, V)
+                    logits = _tail_run(model, first, states, batch.attention_mask, select, None, split)()  # (N, V)
                     running = ~self._taken(logits, batch, request_of_row, checked)  # (n,)
                 if not bool(running.any()):
                     break
@@ -453,12 +459,55 @@ def last_of_each_row(row: torch.Tensor) -> torch.Tensor:
 
 
 def _tail_run(model: nn.Module, first: int, states: torch.Tensor, attention_mask: torch.Tensor,
-              select: torch.Tensor, rows: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+              select: torch.Tensor, rows: torch.Tensor | None, split: SplitTail | None = None
+              ) -> Callable[[], torch.Tensor]:
     """The logits (N, V) at ``select`` (B, T) from the states entering block ``first`` (B, T, d), of the
-    batch rows ``rows`` (b,) only when given."""
+    batch rows ``rows`` (b,) only when given; with ``split``, the states are its short rows and what
+    precedes them is its cache."""
     if rows is not None:
         states, attention_mask, select = states[rows], attention_mask[rows], select[rows]
+    if split is not None:
+        return lambda: split.logits(states, select, rows)
     return lambda: tail_logits(model, first, states, attention_mask, select)
+
+
+def _prefix_cuts(tokenizer, batch: TokenBatch, wordings: list[str]) -> torch.Tensor:
+    """(B,) where each row's own text starts: the tokens a row behind an edit prefix shares with that
+    prefix alone (rows are request-major over ``wordings``, the bare prompt's "" first: cut 0), never
+    past the row's first factor token or first target position."""
+    openings = [prompt_ids(tokenizer, w) if w else [] for w in wordings]  # the prefix alone, as a prompt starts
+    cut = []
+    for b, row in enumerate(batch.input_ids.tolist()):
+        opening = openings[b % len(wordings)][: len(row)]
+        differs = [i for i, (a, o) in enumerate(zip(row, opening, strict=False)) if a != o]
+        cut.append(differs[0] if differs else len(opening))
+    cut = torch.tensor(cut, dtype=torch.long, device=batch.input_ids.device)  # (B,)
+    first_factor = batch.factor_mask.float().argmax(-1)  # (B,) every row has one (its subject, else all)
+    first_target = target_positions(batch).float().argmax(-1)  # (B,) every row has a target
+    return torch.minimum(cut, torch.minimum(first_factor, first_target))
+
+
+def _prefix_split(model: nn.Module, tokenizer, batch: TokenBatch, states: torch.Tensor, select: torch.Tensor,
+                  wordings: list[str], first: int) -> SplitTail | None:
+    """The tail of ``batch`` (B, T) cut where each row's prompt starts behind its edit prefix, its prefix's
+    keys and values cached from ``states`` (B, T, d) on the model as it is now; None where the cut does
+    not fit the model. The first edit of a model checks the cut against the full tail's logits at
+    ``select`` (B, T) once (one more forward); later edits of it trust it."""
+    cut = _prefix_cuts(tokenizer, batch, wordings)  # (B,)
+    if not bool(cut.any()):  # every row's factors start at its first token (factor_tokens "all"): nothing to cache
+        return None
+    want = None
+    if model not in _CUT_CHECKED:
+        with torch.no_grad():
+            want = tail_logits(model, first, states, batch.attention_mask, select)  # (N, V)
+    split = checked_split(model, first, states, batch.attention_mask, cut, select, want, "MEND's edit prefixes")
+    if split is not None:
+        _CUT_CHECKED.add(model)
+    return split
+
+
+# models whose tail took a MEND edit's prefix cut once (remembered per model object, forgotten with it)
+_CUT_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _rows_of_batch(batch: TokenBatch, rows: torch.Tensor) -> TokenBatch:

@@ -11,13 +11,18 @@ blocks only, for hooks that read inside them (the keys of locate-then-edit metho
 from __future__ import annotations
 
 import inspect
+import logging
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
+from editor_core.batching import IGNORE, TokenBatch
 from editor_core.targets import blocks_of, family_of
+
+log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -212,13 +217,81 @@ class SplitTail:
             raise ValueError("SplitTail: a selected position lies before its row's cut")
         return select[self.rows, self.pos] & self.real
 
-    def logits(self, short_states: torch.Tensor, short_select: torch.Tensor) -> torch.Tensor:
-        """(N, V) logits at ``short_select`` (B, T2) from ``short_states`` (B, T2, d); differentiable in the states."""
+    def short_batch(self, batch: TokenBatch) -> TokenBatch:
+        """``batch`` (input width T) re-aligned to the short rows: ids, mask, labels and key mask from each
+        row's cut on, so that :func:`target_positions`, the target labels and the factor tokens of the
+        result index the short rows' states and logits, in the same row-major order as ``batch``'s."""
+        ids = batch.input_ids[self.rows, self.pos] * self.real  # (B, T2)
+        mask = batch.attention_mask[self.rows, self.pos] * self.real  # (B, T2)
+        # labels are one column wider than the inputs (labels[t] is predicted at t-1): columns cut..cut+T2
+        width = batch.labels.shape[1]
+        src = self.cut[:, None] + torch.arange(self.T2 + 1, device=self.cut.device)[None]  # (B, T2 + 1)
+        labels = batch.labels[self.rows, src.clamp(max=width - 1)].masked_fill(src >= width, IGNORE)
+        labels[:, 1:] = labels[:, 1:].masked_fill(~self.real, IGNORE)  # a pad predicts nothing
+        key = batch.key_mask[self.rows, self.pos] & self.real if batch.key_mask is not None else None
+        return TokenBatch(ids, mask, labels, key)
+
+    def logits(self, short_states: torch.Tensor, short_select: torch.Tensor,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, V) logits at ``short_select`` (b, T2) from ``short_states`` (b, T2, d); differentiable in the
+        states. ``rows`` (b,): which rows of the split these are (None: all B)."""
         cache = self._fresh_cache()
-        for idx, k, v in self.kv:
-            cache.update(k, v, idx)
-        hidden, _ = self._run(short_states, self.mask_tail, self.pos, cache)
+        for idx, k, v in self.kv:  # (B, heads, C, head_dim) each
+            cache.update(k if rows is None else k[rows], v if rows is None else v[rows], idx)
+        mask, pos = (self.mask_tail, self.pos) if rows is None else (self.mask_tail[rows], self.pos[rows])
+        hidden, _ = self._run(short_states, mask, pos, cache)
         return self.model.get_output_embeddings()(hidden[short_select])  # (N, V)
+
+
+def checked_split(model: nn.Module, first: int, states: torch.Tensor, attention_mask: torch.Tensor,
+                  cut: torch.Tensor, select: torch.Tensor, want: torch.Tensor | None, what: str) -> SplitTail | None:
+    """A :class:`SplitTail` of ``states`` (B, T, d) cut at ``cut`` (B,), if it gives ``want`` (N, V), the full
+    tail's logits at ``select`` (B, T), to within rounding; else None, and the caller runs every position.
+    With ``want`` None nothing is compared (a caller that checked the same model before).
+
+    Checked with one short forward: a model whose attention does not take the cut (a family with another
+    mask or cache scheme) falls back to running every position, which is slower, not wrong. A model that
+    cannot take it at all is remembered and not tried again; rows longer than a sliding attention window
+    are not cut (the prepared mask would attend past the window). ``what`` names the caller in the log.
+    """
+    if model in _UNCUTTABLE:
+        return None
+    window = getattr(model.config, "sliding_window", None)
+    if window and states.shape[1] > window:
+        return None
+    if want is None:
+        return SplitTail(model, first, states, attention_mask, cut)
+    try:
+        split = SplitTail(model, first, states, attention_mask, cut)
+        with torch.no_grad():
+            got = split.logits(split.short(states), split.short_select(select))  # (N, V)
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        _UNCUTTABLE.add(model)
+        log.warning("%s runs every position on this model: the cut tail failed (%s: %s)", what, type(e).__name__, e)
+        return None
+    err = _max_logprob_error(got, want)
+    tol = 1e-3 if want.dtype == torch.float32 else 5e-2
+    if err > tol:
+        log.warning("%s runs every position: the cut tail's log-probs differ by %.3g (> %.3g)", what, err, tol)
+        return None
+    return split
+
+
+def _max_logprob_error(got: torch.Tensor, want: torch.Tensor, chunk: int = 256) -> float:
+    """Largest |log_softmax(got) - log_softmax(want)| over (N, V) logits, a chunk of rows at a time
+    (a batch of 100 facts has about a thousand rows of a vocabulary-wide softmax); inf when shapes differ."""
+    if got.shape != want.shape:
+        return float("inf")
+    worst = 0.0
+    for i in range(0, got.shape[0], chunk):
+        a = torch.log_softmax(got[i:i + chunk].float(), -1)
+        b = torch.log_softmax(want[i:i + chunk].float(), -1)
+        worst = max(worst, float((a - b).abs().max()))
+    return worst
+
+
+# models whose attention could not take the cut (remembered per model object, forgotten with it)
+_UNCUTTABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _layer_index(block: nn.Module) -> int:

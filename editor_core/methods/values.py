@@ -26,7 +26,6 @@ once (they do not depend on ``delta`` except at the subject's position, where it
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from torch import nn
 from editor_core.batching import IGNORE, pad_id, prompt_ids_and_subject, right_pad, target_ids
 from editor_core.delta import LowRankUpdate
 from editor_core.requests import EditRequest
-from editor_core.tail import SplitTail, prefix_states, run_blocks, run_until, tail_logits
+from editor_core.tail import checked_split, prefix_states, run_blocks, run_until, tail_logits
 from editor_core.targets import Target
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ class ValueProblem:
         with torch.no_grad():
             pre = tail_logits(model, layer + 1, self.base, mask, select)  # (N, V)
             self.pre_kl = torch.log_softmax(pre[self.sel_is_kl].float(), -1)  # (n_kl, V)
-        self.split = _split_tail(model, layer + 1, self.base, mask, self.pos, select, pre)
+        self.split = checked_split(model, layer + 1, self.base, mask, self.pos, select, pre, "value search")
         if self.split is not None:
             self.short_base = self.split.short(self.base)  # (B, T2, d): from each row's subject on
             self.short_select = self.split.short_select(select)  # (B, T2)
@@ -244,55 +243,6 @@ class ValueProblem:
         with frozen(self.model):
             (grad,) = torch.autograd.grad(self.evaluate(delta).loss, [delta])
         return grad
-
-
-def _split_tail(model: nn.Module, first: int, base: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                select: torch.Tensor, pre: torch.Tensor) -> SplitTail | None:
-    """The tail cut at each row's subject, if it gives the full tail's log-probs (from ``pre``) at ``delta = 0``.
-
-    Checked once per edit (one short forward): a model whose attention does not take the cut (a family
-    with another mask or cache scheme) falls back to running every position, which is slower, not wrong.
-    A model that cannot take it at all is remembered and not tried again; rows longer than a sliding
-    attention window are not cut (the prepared mask would attend past the window).
-    """
-    if model in _UNCUTTABLE:
-        return None
-    window = getattr(model.config, "sliding_window", None)
-    if window and base.shape[1] > window:
-        return None
-    try:
-        split = SplitTail(model, first, base, mask, pos)
-        with torch.no_grad():
-            got = split.logits(split.short(base), split.short_select(select))  # (N, V)
-    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-        _UNCUTTABLE.add(model)
-        log.warning("value search runs every position on this model: the cut tail failed (%s: %s)",
-                    type(e).__name__, e)
-        return None
-    err = _max_logprob_error(got, pre)
-    tol = 1e-3 if pre.dtype == torch.float32 else 5e-2
-    if err > tol:
-        log.warning("value search runs every position for this edit: the cut tail's log-probs differ by %.3g "
-                    "(> %.3g)", err, tol)
-        return None
-    return split
-
-
-def _max_logprob_error(got: torch.Tensor, want: torch.Tensor, chunk: int = 256) -> float:
-    """Largest |log_softmax(got) - log_softmax(want)| over (N, V) logits, a chunk of rows at a time
-    (a batch of 100 facts has about a thousand rows of a vocabulary-wide softmax); inf when shapes differ."""
-    if got.shape != want.shape:
-        return float("inf")
-    worst = 0.0
-    for i in range(0, got.shape[0], chunk):
-        a = torch.log_softmax(got[i:i + chunk].float(), -1)
-        b = torch.log_softmax(want[i:i + chunk].float(), -1)
-        worst = max(worst, float((a - b).abs().max()))
-    return worst
-
-
-# models whose attention could not take the cut (remembered per model object, forgotten with it)
-_UNCUTTABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 @contextmanager

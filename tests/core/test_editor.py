@@ -364,6 +364,39 @@ def test_edit_prefixes_edit_behind_each_prefix_and_journal_the_bare_prompt_s_key
     assert not torch.allclose(both.keys[name], bare.keys[name])
 
 
+def test_the_edit_prefix_cache_runs_the_prompts_only_and_its_first_pass_is_the_padded_rows(
+        tiny_llama, tiny_tokenizer, facts):
+    """With the prefixes' keys and values cached, every pass runs each row from its prompt on (as wide as
+    the bare rows), and a one-pass edit of a batch (factors, re-solve, keys) is the padded rows' edit."""
+    from editor_core.stats import collect_key_stats
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    stats = collect_key_stats(tiny_llama, tiny_tokenizer, [f["prompt"] for f in facts], [1], progress=False)
+    reqs = [EditRequest(f["prompt"], f["target_new"], subject=f["subject"]) for f in facts[:3]]
+    prefixes = ["She closed the book and looked outside. ", "I read that "]
+    def width(wordings):  # of the rows prompt + target behind each wording
+        rows = [(w + r.prompt, r.target) for r in reqs for w in wordings]
+        return build_batch(tiny_tokenizer, [p for p, _ in rows], [t for _, t in rows]).input_ids.shape[1]
+
+    deltas, widths = {}, {}
+    for cached in (False, True):
+        editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-2, factor_tokens="subject",
+                                                        preserve_lambda=1.0, preserve_keys="last", refine_passes=0,
+                                                        edit_prefixes=prefixes, edit_prefix_cache=cached))
+        (name,) = editor.use_statistics(stats, tiny_llama)
+        with _last_block_inputs(tiny_llama) as shapes:
+            deltas[cached] = editor.compute_delta(tiny_llama, tiny_tokenizer, reqs)
+        widths[cached] = shapes[-1]  # the pass's forward
+    # the longest prefix pads every row; cached, the rows hold the prompt and target only (both one column
+    # shorter, as every pass runs), give or take the space this byte-level tokenizer splits off where the
+    # prefix ends
+    assert widths[False] == (9, width(["", *prefixes]) - 1)
+    assert widths[True][0] == 9 and width([""]) - 1 <= widths[True][1] <= width([""]) + 1 < widths[False][1]
+    torch.testing.assert_close(deltas[True].keys[name], deltas[False].keys[name])
+    for target, upd in deltas[False].updates.items():
+        torch.testing.assert_close(deltas[True].updates[target].dense(), upd.dense(), atol=1e-6, rtol=1e-4)
+
+
 def test_edit_prefixes_from_take_run_a_request_behind_them_once_its_bare_prompt_has_taken(
         tiny_llama, tiny_tokenizer, facts):
     with pytest.raises(ValueError, match="edit_prefixes_from"):

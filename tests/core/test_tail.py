@@ -76,3 +76,28 @@ def test_split_tail_refuses_a_selected_position_before_the_cut(tiny_llama, tiny_
     split = SplitTail(tiny_llama, 2, states, batch.attention_mask, batch.attention_mask.sum(-1) - 1)
     with pytest.raises(ValueError, match="before its row's cut"):
         split.short_select(sel)
+
+
+def test_split_tail_short_batch_and_a_subset_of_rows_keep_the_full_tail_s_targets(tiny_llama, tiny_tokenizer, facts):
+    """The short batch reads the same target labels and factor tokens, in the same order, as the full one; the
+    logits of a subset of rows are those rows' logits of the whole split."""
+    from editor_core.batching import target_labels, target_positions, without_last_input
+    from editor_core.tail import SplitTail
+
+    prompts = [f["prompt"] for f in facts[:4]]
+    subjects = [f["subject"] for f in facts[:4]]
+    batch = build_batch(tiny_tokenizer, prompts, [f["target_new"] for f in facts[:4]], subjects=subjects)
+    batch = without_last_input(batch) or batch
+    states = prefix_states(tiny_llama, batch.input_ids, batch.attention_mask, 2)  # (B, T, d)
+    cut = batch.key_mask.float().argmax(-1)  # (B,) each row's first subject token
+    split = SplitTail(tiny_llama, 2, states, batch.attention_mask, cut)
+    short = split.short_batch(batch)
+    assert short.attention_mask.sum() < batch.attention_mask.sum()  # the cached tokens are not run
+    torch.testing.assert_close(target_labels(short), target_labels(batch))
+    assert torch.equal(target_positions(short), split.short_select(target_positions(batch)))
+    assert torch.equal(states[batch.key_mask], split.short(states)[short.key_mask])  # the same factor tokens
+    sel = target_positions(short)
+    whole = split.logits(split.short(states), sel)  # (N, V)
+    rows = torch.tensor([1, 3])
+    part = split.logits(split.short(states)[rows], sel[rows], rows)
+    torch.testing.assert_close(part, whole[torch.isin(torch.arange(4)[:, None].expand_as(sel)[sel], rows)])
