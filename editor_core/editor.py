@@ -471,7 +471,7 @@ def _tail_run(model: nn.Module, first: int, states: torch.Tensor, attention_mask
     return lambda: tail_logits(model, first, states, attention_mask, select)
 
 
-def _prefix_cuts(tokenizer, batch: TokenBatch, wordings: list[str]) -> torch.Tensor:
+def prefix_cuts(tokenizer, batch: TokenBatch, wordings: list[str]) -> torch.Tensor:
     """(B,) where each row's own text starts: the tokens a row behind an edit prefix shares with that
     prefix alone (rows are request-major over ``wordings``, the bare prompt's "" first: cut 0), never
     past the row's first factor token or first target position."""
@@ -493,7 +493,7 @@ def _prefix_split(model: nn.Module, tokenizer, batch: TokenBatch, states: torch.
     keys and values cached from ``states`` (B, T, d) on the model as it is now; None where the cut does
     not fit the model. The first edit of a model checks the cut against the full tail's logits at
     ``select`` (B, T) once (one more forward); later edits of it trust it."""
-    cut = _prefix_cuts(tokenizer, batch, wordings)  # (B,)
+    cut = prefix_cuts(tokenizer, batch, wordings)  # (B,)
     if not bool(cut.any()):  # every row's factors start at its first token (factor_tokens "all"): nothing to cache
         return None
     want = None

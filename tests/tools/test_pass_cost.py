@@ -23,6 +23,10 @@ def test_pass_seconds_pads_the_prefixed_row_and_times_a_backward(tiny_llama, tin
     assert seconds > 0
     _, alone = pass_seconds(tiny_llama, tiny_tokenizer, [prompt], target, "Paris", first=2, reps=1)
     assert alone == (1, bare)
+    # the prefix cached, the prefixed row runs its own tokens only (and the space this tokenizer splits off)
+    _, cached = pass_seconds(tiny_llama, tiny_tokenizer, [prompt, "It rained. " + prompt], target, "Paris",
+                             first=2, reps=1, wordings=["", "It rained. "])
+    assert cached[0] == 2 and bare <= cached[1] <= bare + 1 < longer
 
 
 def test_reps_below_one_is_refused():
