@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -496,18 +495,9 @@ def _prefix_split(model: nn.Module, tokenizer, batch: TokenBatch, states: torch.
     cut = prefix_cuts(tokenizer, batch, wordings)  # (B,)
     if not bool(cut.any()):  # every row's factors start at its first token (factor_tokens "all"): nothing to cache
         return None
-    want = None
-    if model not in _CUT_CHECKED:
-        with torch.no_grad():
-            want = tail_logits(model, first, states, batch.attention_mask, select)  # (N, V)
-    split = checked_split(model, first, states, batch.attention_mask, cut, select, want, "MEND's edit prefixes")
-    if split is not None:
-        _CUT_CHECKED.add(model)
-    return split
-
-
-# models whose tail took a MEND edit's prefix cut once (remembered per model object, forgotten with it)
-_CUT_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+    return checked_split(model, first, states, batch.attention_mask, cut, select,
+                         lambda: tail_logits(model, first, states, batch.attention_mask, select),
+                         "MEND's edit prefixes", once=True)
 
 
 def _rows_of_batch(batch: TokenBatch, rows: torch.Tensor) -> TokenBatch:

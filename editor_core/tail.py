@@ -244,36 +244,40 @@ class SplitTail:
 
 
 def checked_split(model: nn.Module, first: int, states: torch.Tensor, attention_mask: torch.Tensor,
-                  cut: torch.Tensor, select: torch.Tensor, want: torch.Tensor | None, what: str) -> SplitTail | None:
-    """A :class:`SplitTail` of ``states`` (B, T, d) cut at ``cut`` (B,), if it gives ``want`` (N, V), the full
-    tail's logits at ``select`` (B, T), to within rounding; else None, and the caller runs every position.
-    With ``want`` None nothing is compared (a caller that checked the same model before).
+                  cut: torch.Tensor, select: torch.Tensor, want: Callable[[], torch.Tensor], what: str,
+                  once: bool = False) -> SplitTail | None:
+    """A :class:`SplitTail` of ``states`` (B, T, d) cut at ``cut`` (B,), if it gives ``want()`` (N, V), the
+    full tail's logits at ``select`` (B, T), to within rounding; else None, and the caller runs every position.
 
     Checked with one short forward: a model whose attention does not take the cut (a family with another
     mask or cache scheme) falls back to running every position, which is slower, not wrong. A model that
     cannot take it at all is remembered and not tried again; rows longer than a sliding attention window
-    are not cut (the prepared mask would attend past the window). ``what`` names the caller in the log.
+    are not cut (the prepared mask would attend past the window). With ``once``, a model that took a cut
+    before is trusted and ``want`` is not called (for a caller whose reference costs a forward of its
+    own). ``what`` names the caller in the log.
     """
     if model in _UNCUTTABLE:
         return None
     window = getattr(model.config, "sliding_window", None)
     if window and states.shape[1] > window:
         return None
-    if want is None:
+    if once and model in _CUTTABLE:
         return SplitTail(model, first, states, attention_mask, cut)
     try:
         split = SplitTail(model, first, states, attention_mask, cut)
         with torch.no_grad():
             got = split.logits(split.short(states), split.short_select(select))  # (N, V)
+            reference = want()  # (N, V)
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
         _UNCUTTABLE.add(model)
         log.warning("%s runs every position on this model: the cut tail failed (%s: %s)", what, type(e).__name__, e)
         return None
-    err = _max_logprob_error(got, want)
-    tol = 1e-3 if want.dtype == torch.float32 else 5e-2
+    err = _max_logprob_error(got, reference)
+    tol = 1e-3 if reference.dtype == torch.float32 else 5e-2
     if err > tol:
         log.warning("%s runs every position: the cut tail's log-probs differ by %.3g (> %.3g)", what, err, tol)
         return None
+    _CUTTABLE.add(model)
     return split
 
 
@@ -290,8 +294,10 @@ def _max_logprob_error(got: torch.Tensor, want: torch.Tensor, chunk: int = 256) 
     return worst
 
 
-# models whose attention could not take the cut (remembered per model object, forgotten with it)
+# models whose attention could not take the cut, and those that took one (remembered per model object,
+# forgotten with it)
 _UNCUTTABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_CUTTABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _layer_index(block: nn.Module) -> int:

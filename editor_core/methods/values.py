@@ -202,7 +202,7 @@ class ValueProblem:
         with torch.no_grad():
             pre = tail_logits(model, layer + 1, self.base, mask, select)  # (N, V)
             self.pre_kl = torch.log_softmax(pre[self.sel_is_kl].float(), -1)  # (n_kl, V)
-        self.split = checked_split(model, layer + 1, self.base, mask, self.pos, select, pre, "value search")
+        self.split = checked_split(model, layer + 1, self.base, mask, self.pos, select, lambda: pre, "value search")
         if self.split is not None:
             self.short_base = self.split.short(self.base)  # (B, T2, d): from each row's subject on
             self.short_select = self.split.short_select(select)  # (B, T2)
