@@ -9,6 +9,10 @@
 - success / paraphrase_success: the greedy continuation of the prompt (of each rephrase) is exactly
   target_new, i.e. every target token is the argmax under teacher forcing: what ``/edit`` reports and
   what a user sees. Efficacy (new beats old) can be high while success is low.
+- truth_success / truth_paraphrase_success: the same for the ground truth (the old answer). Before an
+  edit they say how well the model knows the facts it is asked to change (the unedited SmolLM2-135M
+  gives the true object greedily on few CounterFact prompts: a reference for what ``success`` on
+  rephrasings can reach); after it, how often the old answer survives.
 - neighbour_kept: share of locality prompts whose greedy continuation, for the locality answer's
   length in tokens, is the same token ids after the edit as before it.
 - canary_kept: share of the fixed canary prompts (:mod:`editor_core.canary`) whose greedy answer is
@@ -44,7 +48,8 @@ from editor_core.scoring import TargetScore, score_targets
 log = logging.getLogger(__name__)
 
 METRICS = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc", "locality_acc",
-           "success", "paraphrase_success", "neighbour_kept", "canary_kept")
+           "success", "paraphrase_success", "truth_success", "truth_paraphrase_success", "neighbour_kept",
+           "canary_kept")
 
 
 @dataclass
@@ -131,6 +136,8 @@ def record_metrics(s: RecordScores, pre: RecordScores | None = None) -> dict[str
         "paraphrase_acc": _mean([n.token_acc for n, _ in s.rephrase]),
         "success": float(s.new.token_acc == 1.0),
         "paraphrase_success": _mean([float(n.token_acc == 1.0) for n, _ in s.rephrase]),
+        "truth_success": None if s.truth is None else float(s.truth.token_acc == 1.0),
+        "truth_paraphrase_success": _mean([float(t.token_acc == 1.0) for _, t in s.rephrase if t is not None]),
     }
     if pre is not None:
         same = total = 0

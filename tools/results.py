@@ -57,7 +57,7 @@ CHECKPOINTS = (1, 3, 10, 30, 100, 300, 1000)
 class Stage:
     name: str
     method: str
-    kind: str  # single | batch | stacked | latency
+    kind: str  # single | batch | stacked | latency | unedited
     data: str  # counterfact | zsre
     n: int
 
@@ -73,6 +73,9 @@ def stages(args) -> list[Stage]:
     out.sort(key=lambda s: s.name != f"stacked1000-{DEFAULT_METHOD}")  # the longest first: it may be cut short
     out += [Stage(f"zsre-{m}", m, "single", "zsre", args.zsre) for m in METHODS]
     out.append(Stage("latency", "all", "latency", "counterfact", args.latency))
+    # what the unedited model answers on the same records: the reference for every success figure
+    out += [Stage("unedited-counterfact", "none", "unedited", "counterfact", args.single_default),
+            Stage("unedited-zsre", "none", "unedited", "zsre", args.zsre)]
     return out
 
 
@@ -111,6 +114,13 @@ def run_stage(stage: Stage, args) -> dict:
     else:
         records = records[: stage.n]
     started = time.time()
+    if stage.kind == "unedited":
+        from editor_core.evaluate import mean_metrics, record_metrics, score_records
+
+        pre = mean_metrics([record_metrics(s) for s in score_records(model, tok, records)])
+        return {"pre": pre, "stage": stage.__dict__, "records": len(records), "seconds": round(time.time() - started),
+                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
+                "load_average": round(os.getloadavg()[0], 1)}
     if stage.kind == "latency":
         out = {"latency": latency(model, tok, stack, {m: make_editor(m) for m in METHODS}, records),
                "stage": stage.__dict__, "records": len(records), "seconds": round(time.time() - started),
@@ -395,6 +405,7 @@ def render(args, all_stages: list[Stage]) -> None:
                 lines.append(f"| {s.method} | not run | " + " | ".join("-" for _ in COLUMNS) + " | - |")
         lines.append("")
     lines += _latency_section(done.get("latency"))
+    lines += _unedited_section([done[s.name] for s in all_stages if s.kind == "unedited" and s.name in done])
     long = [s for s in all_stages if s.name.startswith("stacked1000")]
     lines += ["## Stacked edits over time", "",
               "Every fact edited so far is scored after n edits (the point at n is `mend eval --sequential n` "
@@ -432,6 +443,25 @@ def render(args, all_stages: list[Stage]) -> None:
                                                  indent=1))
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s (%d stages finished)", out / "RESULTS.md", len(done))
+
+
+def _unedited_section(stages: list[dict]) -> list[str]:
+    """How often the unedited model's greedy answer is the true object, and the new one, on the stages' records."""
+    if not stages:
+        return []
+    lines = ["## What the unedited model answers", "",
+             "The greedy continuation of the unedited model, on the records the tables above edit: how often it is "
+             "exactly the true object (`truth_success`, on the prompt and on its rephrasings) and the new one "
+             "(`success`). An edited model's `success` on rephrasings is judged beside how often the model gives a "
+             "fact it already holds on them.", "",
+             "| data | records | truth_success | truth_paraphrase_success | success | paraphrase_success |",
+             "|---|---|---|---|---|---|"]
+    for d in stages:
+        pre = d["pre"]
+        lines.append(f"| {d['stage']['data']} | {d['records']} | " + " | ".join(
+            _cell(pre.get(k)) for k in ("truth_success", "truth_paraphrase_success", "success",
+                                        "paraphrase_success")) + " |")
+    return lines + [""]
 
 
 def _value_metric(stage: dict) -> str:

@@ -160,9 +160,23 @@ def test_report_json_and_table(tiny_llama, tiny_tokenizer, records):
     doc = json.loads(rep.to_json())
     assert doc["n_records"] == 2 and doc["rows"][0]["case_id"] == "1"
     assert set(doc["post"]) == {"efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc",
-                                "locality_acc", "success", "paraphrase_success", "neighbour_kept"}
+                                "locality_acc", "success", "paraphrase_success", "truth_success",
+                                "truth_paraphrase_success", "neighbour_kept"}
     table = format_table(rep)
     assert "efficacy" in table and "locality_acc" in table and "edit_ms" in table
+
+
+def test_truth_success_reads_the_old_answer_s_greedy_on_the_prompt_and_each_rephrase():
+    from editor_core.evaluate import RecordScores, record_metrics
+    from editor_core.scoring import TargetScore
+
+    hit, miss = TargetScore(-0.1, 1.0, (5,)), TargetScore(-3.0, 0.5, (7, 8))
+    m = record_metrics(RecordScores(new=miss, truth=hit, rephrase=[(miss, hit), (hit, miss)], locality=[]))
+    assert (m["truth_success"], m["truth_paraphrase_success"]) == (1.0, 0.5)
+    assert (m["success"], m["paraphrase_success"]) == (0.0, 0.5)
+    # a record without a ground truth has no old answer to read
+    m = record_metrics(RecordScores(new=hit, truth=None, rephrase=[(hit, None)], locality=[]))
+    assert m["truth_success"] is None and m["truth_paraphrase_success"] is None and m["success"] == 1.0
 
 
 # ---- CLI -------------------------------------------------------------------------------------------

@@ -223,3 +223,17 @@ def test_a_process_waiting_on_a_part_stops_cleanly_when_another_finishes_the_sta
     finally:
         timer.join()
     assert not ran
+
+
+def test_the_unedited_stages_score_the_single_and_zsre_records_and_render_the_true_object_s_greedy_rate():
+    from tools.results import _unedited_section, stages
+
+    unedited = {s.name: s for s in stages(_args()) if s.kind == "unedited"}
+    assert unedited["unedited-counterfact"].n == 1919 and unedited["unedited-zsre"].n == 100
+    assert unedited["unedited-zsre"].data == "zsre"
+    stage = {"stage": {"data": "counterfact"}, "records": 1919,
+             "pre": {"truth_success": 0.033, "truth_paraphrase_success": 0.02, "success": 0.006,
+                     "paraphrase_success": 0.002}}
+    lines = _unedited_section([stage])
+    assert "| counterfact | 1919 | 0.033 | 0.020 | 0.006 | 0.002 |" in lines
+    assert _unedited_section([]) == []
