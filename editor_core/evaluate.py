@@ -282,10 +282,10 @@ def _fmt(v: float | None) -> str:
 
 def format_table(report: EvalReport) -> str:
     """A plain-text table of the pre/post means and edit timing."""
-    lines = [f"{'metric':<16}{'unedited':>10}{'edited':>10}"]
+    lines = [f"{'metric':<26}{'unedited':>10}{'edited':>10}"]
     for k in METRICS:
         if k in report.pre or k in report.post:
-            lines.append(f"{k:<16}{_fmt(report.pre.get(k)):>10}{_fmt(report.post.get(k)) if report.post else '':>10}")
+            lines.append(f"{k:<26}{_fmt(report.pre.get(k)):>10}{_fmt(report.post.get(k)) if report.post else '':>10}")
     if report.edit_ms:
         e = report.edit_ms
         lines.append(f"edit_ms  median {e['median']:.1f}  p95 {e['p95']:.1f}  ({e['n']} edit calls)")
