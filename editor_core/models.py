@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,10 +109,19 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = out.with_name(out.name + ".partial")
+    # One scratch directory per process: two processes converting at once (two benchmark jobs on a
+    # fresh machine) must not write into each other's files.
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a crash mid-save never leaves a half cache that looks complete
+    try:
+        tmp.rename(out)  # atomic: a crash mid-save never leaves a half cache that looks complete
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+        # Another process finished the same conversion first; its copy is identical.
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def local_model_dir(spec: str, cache_dir: Path | None = None) -> Path | None:
