@@ -11,6 +11,11 @@ With ``preserve_lambda`` > 0 the editor's targets that have key statistics are r
 (:mod:`editor_core.preserved_solve`), with the statistics beside the editor (its own
 ``mend_keystats.safetensors``, else the locate methods' ``keystats.safetensors``; the editor's card says which).
 One JSON line per measurement goes to ``runs/variants/mend-<name>.jsonl``.
+
+With ``--delta-dir`` a stacked run keeps every delta it computed, with the settings that made them, as a
+stacked stage of ``tools.results`` does. When those settings are then shipped (``tools.editor_settings``), the
+directory copied to ``runs/results/stacked1000-mend.deltas`` makes that stage re-score the stack instead
+of recomputing it (the stage refuses a cache made with other settings, or in a shuffled order).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from editor_core.evaluate import evaluate
     from editor_core.stack import EditStack
     from editor_core.stacked import stacked_curve
+    from tools.results import delta_settings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
@@ -58,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="stack the same records in an order shuffled with this seed (the spread a run's order "
                         "and rounding give a long stack)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--delta-dir", type=Path, default=None,
+                   help="keep the stacked run's deltas here, with the settings that made them (resumable; "
+                        "a stacked stage of tools.results accepts the directory once the settings are shipped)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -123,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.order_seed is not None:
             order = torch.randperm(len(stacked), generator=torch.Generator().manual_seed(args.order_seed)).tolist()
             stacked = [stacked[i] for i in order]
+        # the stage's record of the settings; a shuffled order is recorded too, so the stage refuses it
+        settings = delta_settings(editor) | ({} if args.order_seed is None else {"order_seed": args.order_seed})
         stacked_curve(model, tok, stack, editor, stacked, args.checkpoints,
-                      canaries=CanarySet(model, tok), on_point=on_point,
+                      canaries=CanarySet(model, tok), on_point=on_point, delta_dir=args.delta_dir,
+                      settings=settings if args.delta_dir else None,
                       pre_cache=out.parent / f"unedited-{Path(args.data).stem}-mend-stack.json")  # keyed by the stack
     return 0
 

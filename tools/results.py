@@ -139,13 +139,13 @@ def run_stage(stage: Stage, args) -> dict:
                                canaries=canaries, delta_dir=CACHE / f"{stage.name}.deltas",
                                on_point=lambda p: _append(points_file, p), progress=not args.no_progress,
                                pre_cache=CACHE / f"unedited-{stage.data}-{stack.fingerprint[:12]}.json",
-                               settings=_settings(editor))
+                               settings=delta_settings(editor))
         # the unedited model on the same records (an unedited neighbour keeps its own answer)
         out = {"pre": {**points[-1]["pre"], "neighbour_kept": 1.0}, "post": points[-1]["post"],
                "edit_ms": points[-1]["edit_ms"], "points": points, "canary": points[-1].get("canary")}
     elif stage.kind == "single":
         out = single_in_parts(stage, records, args.part_size, lambda recs: evaluate(
-            model, tok, stack, editor, recs, progress=not args.no_progress, canaries=canaries), _settings(editor))
+            model, tok, stack, editor, recs, progress=not args.no_progress, canaries=canaries), delta_settings(editor))
     else:
         rep = evaluate(model, tok, stack, editor, records, batch_size=stage.n, progress=not args.no_progress,
                        canaries=canaries)
@@ -280,8 +280,11 @@ def _partial_singles(all_stages: list[Stage]) -> dict[str, dict]:
     return out
 
 
-def _settings(editor) -> dict:
-    """What decides an editor's deltas (JSON), recorded in and checked against a stacked stage's delta cache."""
+def delta_settings(editor) -> dict:
+    """What decides an editor's deltas (JSON), recorded in and checked against a stacked stage's delta cache.
+
+    ``tools.mend_variant --delta-dir`` records the same, so a variant run's cache serves the stage once its
+    settings are shipped."""
     from dataclasses import asdict
 
     if editor.method in LOCATE:
