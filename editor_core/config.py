@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 INFERENCE_FIELDS = ("edit_targets", "preserve_lambda", "preserve_keys", "preserve_keep", "refine_passes",
                     "refine_seconds", "pass_scale", "edit_prefixes", "gradient_scale", "key_prefixes",
                     "extra_passes", "key_reads", "first_pass_times", "take_nll", "edit_prefixes_from",
-                    "check_prefixed", "edit_prefix_cache")
+                    "check_prefixed", "edit_prefix_cache", "pass_momentum")
 
 
 def _boolean(text: str) -> bool:
@@ -93,6 +93,12 @@ class MendConfig:
     # the first pass, on the unedited model, is written at pass_scale times this: a larger first step
     # where the gradient is the edit's own, then the smaller refinement passes (fewer passes to the target)
     first_pass_times: float = 1.0
+    # heavy-ball momentum over the passes before a request takes: after each pass, every earlier pass's
+    # update is written once more at this times its last extra weight (pass p's weight after pass t is
+    # 1 + m + ... + m^(t-p)), so a direction the passes agree on grows and one they disagree on does not.
+    # The weights freeze once the request takes (its extra passes are plain). 0: plain passes. Only for
+    # one request per edit call; a batch runs plain passes
+    pass_momentum: float = 0.0
     # the edit is also made, and checked, behind each of these prefixes (one more batch row each), as
     # MEMIT reads its value behind several prefixes, so that the edit is not made for its one wording
     # only. The rows behind them give gradient; the re-solve keeps the change at the bare prompt's key
@@ -136,6 +142,8 @@ class MendConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
+        if not 0 <= self.pass_momentum < 1:
+            raise ValueError(f"pass_momentum must be in [0, 1), not {self.pass_momentum!r}")
         for name in ("preserve_lambda", "preserve_keep", "refine_seconds", "take_nll"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")

@@ -355,6 +355,10 @@ class MendEditor:
         bare_at: dict[str, torch.Tensor] = {}  # target -> (n, d_in) each request's bare key at its latest pass
         written = torch.zeros(n, dtype=torch.long, device=device)  # (n,) passes that wrote each
         verified = False  # every request was just checked again, and no pass has written since
+        # pass_momentum (one request only): each pass's momentum weight m^(t-p) and its total weight so far
+        momentum = self.config.pass_momentum if n == 1 else 0.0
+        weights: list[float] = []
+        sizes: list[float] = []
         while True:
             ids = running.nonzero().squeeze(-1)  # (m,) the requests this pass runs
             rows = (running[request_of_row] & (bare_row | wide[request_of_row])).nonzero().squeeze(-1)  # (b,)
@@ -395,6 +399,15 @@ class MendEditor:
             # without that check cost 13 of 300 single edits their success)
             updates, keys, writing = found
             written[ids] += writing.long()
+            if momentum and bool(extra[0] == self.config.extra_passes):  # one request, not taken yet
+                # heavy ball: each earlier pass p is written once more, at m^(t-p) of its own size
+                weights = [w * momentum for w in weights]
+                for name, ups in so_far.items():
+                    so_far[name] = [LowRankUpdate(u.u * ((c + w) / c), u.v)
+                                    for u, w, c in zip(ups, weights, sizes, strict=True)]
+                sizes = [c + w for c, w in zip(sizes, weights, strict=True)]
+            weights.append(1.0)
+            sizes.append(1.0)
             for name, upd in updates.items():
                 so_far[name].append(upd)
             if narrows and inverses:
@@ -416,6 +429,8 @@ class MendEditor:
             meta["preserve_lambda"] = f"{self.config.preserve_lambda:g}"
         if self.config.pass_scale != 1:
             meta["pass_scale"] = f"{self.config.pass_scale:g}"
+        if momentum:
+            meta["pass_momentum"] = f"{momentum:g}"
         if self.config.first_pass_times != 1:
             meta["first_pass_times"] = f"{self.config.first_pass_times:g}"
         if self.config.extra_passes:

@@ -698,3 +698,59 @@ def test_take_nll_asks_a_taken_prompt_for_a_margin_too(tiny_llama, tiny_tokenize
     assert delta.meta["take_nll"] == f"{nll / 2:g}"
     with pytest.raises(ValueError, match="take_nll"):
         MendConfig(take_nll=-1.0)
+
+
+def _recording_passes(editor):
+    """Wrap ``editor._pass`` to keep each pass's returned updates (name -> LowRankUpdate), in order."""
+    seen = []
+    plain = editor._pass
+
+    def wrapped(*args, **kwargs):
+        found = plain(*args, **kwargs)
+        if found is not None:
+            seen.append(found[0])
+        return found
+
+    editor._pass = wrapped
+    return seen
+
+
+def test_pass_momentum_writes_each_earlier_pass_again_until_the_prompt_takes(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    m = 0.5
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, init_lr=1e-3, refine_passes=3, refine_seconds=60,
+                                                    pass_momentum=m))
+    seen = _recording_passes(editor)
+    delta = editor.compute_delta(tiny_llama, tiny_tokenizer, [EditRequest(facts[0]["prompt"], facts[0]["target_new"])])
+    assert delta.meta["passes"] == "4" and delta.meta["pass_momentum"] == "0.5"  # a tiny step never takes
+    # heavy ball: after the last pass (t = 3) pass p weighs 1 + m + ... + m^(3-p)
+    weights = [sum(m ** j for j in range(4 - p)) for p in range(4)]
+    for name, upd in delta.updates.items():
+        expected = torch.cat([w * s[name].u for w, s in zip(weights, seen, strict=True)])
+        torch.testing.assert_close(upd.u, expected)
+        torch.testing.assert_close(upd.v, torch.cat([s[name].v for s in seen]))
+    # the passes saw the grown updates: the second pass's gradient is not the plain run's
+    plain = MendEditor.untrained(stack, replace(editor.config, pass_momentum=0.0))
+    plain_seen = _recording_passes(plain)
+    plain.compute_delta(tiny_llama, tiny_tokenizer, [EditRequest(facts[0]["prompt"], facts[0]["target_new"])])
+    name = next(iter(delta.updates))
+    torch.testing.assert_close(seen[1][name].u, plain_seen[1][name].u)  # pass 1 read only pass 0, weight 1
+    assert not torch.allclose(seen[2][name].u, plain_seen[2][name].u, rtol=1e-3, atol=0)  # read pass 0 at 1 + m
+
+
+def test_pass_momentum_stops_growing_once_the_prompt_has_taken(tiny_llama, tiny_tokenizer, facts):
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))
+    f = facts[0]
+    req = [EditRequest(f["prompt"], _greedy_target(tiny_llama, tiny_tokenizer, f))]  # taken at the first check
+    config = MendConfig(rank=8, init_lr=1e-6, refine_passes=5, refine_seconds=60, extra_passes=2)
+    plain = MendEditor.untrained(stack, config).compute_delta(tiny_llama, tiny_tokenizer, req)
+    heavy = MendEditor.untrained(stack, replace(config, pass_momentum=0.9)).compute_delta(tiny_llama, tiny_tokenizer, req)
+    assert plain.meta["passes"] == heavy.meta["passes"] == "3"
+    for name, upd in heavy.updates.items():  # the extra passes after the take are plain passes
+        torch.testing.assert_close(upd.u, plain.updates[name].u)
+
+
+def test_pass_momentum_outside_its_range_is_refused():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="pass_momentum"):
+            MendConfig(pass_momentum=bad)
