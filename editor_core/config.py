@@ -93,11 +93,11 @@ class MendConfig:
     # the first pass, on the unedited model, is written at pass_scale times this: a larger first step
     # where the gradient is the edit's own, then the smaller refinement passes (fewer passes to the target)
     first_pass_times: float = 1.0
-    # heavy-ball momentum over the passes before a request takes: after each pass, every earlier pass's
-    # update is written once more at this times its last extra weight (pass p's weight after pass t is
-    # 1 + m + ... + m^(t-p)), so a direction the passes agree on grows and one they disagree on does not.
-    # The weights freeze once the request takes (its extra passes are plain). 0: plain passes. Only for
-    # one request per edit call; a batch runs plain passes
+    # heavy-ball momentum m over the passes before a request takes: after pass t, each earlier pass p's
+    # update is written again at m^(t-p) of its own size (its weight is then 1 + m + ... + m^(t-p)), so a
+    # direction the passes agree on grows and one they disagree on does not. The weights freeze once the
+    # request takes (its extra passes are plain). 0: plain passes. Only for one request per edit call; a
+    # batch runs plain passes (its facts take at different passes)
     pass_momentum: float = 0.0
     # the edit is also made, and checked, behind each of these prefixes (one more batch row each), as
     # MEMIT reads its value behind several prefixes, so that the edit is not made for its one wording
