@@ -355,10 +355,7 @@ class MendEditor:
         bare_at: dict[str, torch.Tensor] = {}  # target -> (n, d_in) each request's bare key at its latest pass
         written = torch.zeros(n, dtype=torch.long, device=device)  # (n,) passes that wrote each
         verified = False  # every request was just checked again, and no pass has written since
-        # pass_momentum (one request only): each pass's momentum weight m^(t-p) and its total weight so far
-        momentum = self.config.pass_momentum if n == 1 else 0.0
-        weights: list[float] = []
-        sizes: list[float] = []
+        momentum = self.config.pass_momentum if n == 1 else 0.0  # one request only (a batch's facts take apart)
         while True:
             ids = running.nonzero().squeeze(-1)  # (m,) the requests this pass runs
             rows = (running[request_of_row] & (bare_row | wide[request_of_row])).nonzero().squeeze(-1)  # (b,)
@@ -399,15 +396,12 @@ class MendEditor:
             # without that check cost 13 of 300 single edits their success)
             updates, keys, writing = found
             written[ids] += writing.long()
-            if momentum and bool(extra[0] == self.config.extra_passes):  # one request, not taken yet
-                # heavy ball: each earlier pass p is written once more, at m^(t-p) of its own size
-                weights = [w * momentum for w in weights]
+            if momentum and bool(extra[0] == self.config.extra_passes):  # not taken yet: every pass so far grew
+                # heavy ball: pass p, k = passes - p passes back, goes from weight 1 + m + ... + m^(k-1) to
+                # 1 + ... + m^k. Only the passes before the take ever grow, so k alone gives both weights
                 for name, ups in so_far.items():
-                    so_far[name] = [LowRankUpdate(u.u * ((c + w) / c), u.v)
-                                    for u, w, c in zip(ups, weights, sizes, strict=True)]
-                sizes = [c + w for c, w in zip(sizes, weights, strict=True)]
-            weights.append(1.0)
-            sizes.append(1.0)
+                    so_far[name] = [LowRankUpdate(u.u * _momentum_growth(momentum, passes - p), u.v)
+                                    for p, u in enumerate(ups)]
             for name, upd in updates.items():
                 so_far[name].append(upd)
             if narrows and inverses:
@@ -450,6 +444,11 @@ class MendEditor:
             if self.config.key_reads != "every_pass":
                 meta["key_reads"] = self.config.key_reads
         return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
+
+
+def _momentum_growth(m: float, k: int) -> float:
+    """(1 + m + ... + m^k) / (1 + m + ... + m^(k-1)): the growth of a pass k >= 1 passes back."""
+    return (1 - m ** (k + 1)) / (1 - m ** k)
 
 
 def statistics_path(editor_dir: str | Path) -> Path:

@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         # the stage's record of the settings; a shuffled order is recorded too, so the stage refuses it
         settings = delta_settings(editor) | ({} if args.order_seed is None else {"order_seed": args.order_seed})
         stacked_curve(model, tok, stack, editor, stacked, args.checkpoints,
-                      canaries=CanarySet(model, tok), on_point=on_point, delta_dir=args.delta_dir,
-                      settings=settings if args.delta_dir else None,
+                      canaries=CanarySet(model, tok), on_point=on_point, delta_dir=args.delta_dir, settings=settings,
                       pre_cache=out.parent / f"unedited-{Path(args.data).stem}-mend-stack.json")  # keyed by the stack
     return 0
 

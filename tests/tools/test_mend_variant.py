@@ -60,13 +60,14 @@ def test_a_variant_s_delta_cache_serves_the_stage_once_its_settings_are_shipped(
     assert mend_variant.main(["--name", "s", "--set", "pass_scale=0.5", "--order-seed", "1",
                               *common, str(shuffled)]) == 0
 
-    def stage_settings() -> dict:  # what the stacked stage records for the editor as shipped
-        from editor_core import checkpoint, models
-        from editor_core.editor import MendEditor
-        from editor_core.stack import EditStack
+    from editor_core import checkpoint, models
+    from editor_core.editor import MendEditor
+    from editor_core.stack import EditStack
 
-        lm = models.load(str(tiny_model_dir))
-        stack = EditStack(lm.model, checkpoint.stack_targets(lm.model, editor_dir))
+    lm = models.load(str(tiny_model_dir))
+    stack = EditStack(lm.model, checkpoint.stack_targets(lm.model, editor_dir))
+
+    def stage_settings() -> dict:  # what the stacked stage records for the editor as shipped (read again)
         return delta_settings(MendEditor.load(editor_dir, stack))
 
     with pytest.raises(ValueError, match="other settings"):  # the variant's setting is not shipped yet
