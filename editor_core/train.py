@@ -6,6 +6,11 @@ and trains the editor nets (not the model) on
     c_edit * NLL(post-edit model, target_new | prompt and rephrases)
   + c_loc  * KL(pre || post) at the answer positions of the records' locality prompts.
 
+With ``mend.preserve_lambda`` > 0 each proposal is re-solved against key statistics (``stats``) at each
+record's key, as one inference pass of the editor writes it (:mod:`editor_core.preserved_solve`, MALMEN's
+normal equation with ``C`` as the preserved term), and the nets are trained through that solve: they learn
+what to propose for the update that is actually written, not for MEND's sum of rank-one terms.
+
 Only the edited tail of the model runs per step: the hidden states entering the first edited block
 are cached once per text (:class:`PrefixStateCache`). Validation edits held-out records one at a time
 and tracks efficacy, paraphrase and neighborhood; the best checkpoint by their mean is kept.
@@ -17,6 +22,7 @@ import argparse
 import json
 import logging
 import random
+import shutil
 import signal
 import threading
 import time
@@ -39,12 +45,16 @@ from editor_core.batching import (
 )
 from editor_core.config import MendConfig
 from editor_core.data import EditRecord, load_records, split_records
-from editor_core.editor import MendEditor
+from editor_core.delta import LowRankUpdate
+from editor_core.editor import STATS_FILE as MEND_STATS_FILE
+from editor_core.editor import MendEditor, last_of_each_row
 from editor_core.fingerprint import weights_fingerprint
 from editor_core.functional_edit import added_updates
-from editor_core.grads import capture_factors
+from editor_core.grads import TokenFactors, capture_factors
+from editor_core.preserved_solve import preserved_update
 from editor_core.stack import EditStack
 from editor_core.state_cache import PrefixStateCache
+from editor_core.stats import KeyStats
 from editor_core.tail import tail_logits
 from editor_core.targets import resolve_targets
 from editor_core.train_card import device_description, write_card
@@ -80,6 +90,9 @@ class TrainConfig:
     prefix_cache: bool = True
     limit: int | None = None  # read at most this many records per file
     init_from: str | None = None  # continue from this checkpoint's nets (its MendConfig wins)
+    # key statistics (a ``mend stats`` file) each edit is re-solved against when mend.preserve_lambda > 0;
+    # saved beside the checkpoint, where the editor reads them at inference
+    stats: str | None = None
     mend: MendConfig = field(default_factory=MendConfig)
 
 
@@ -109,6 +122,8 @@ class EditorTrainer:
         if start is not None:
             self.editor.nets.load_state_dict(start.state)
             log.info("continuing from %s", cfg.init_from)
+        # target name -> (lam C)^-1 (d_in, d_in): the targets whose proposals are re-solved
+        self.inverses = self._preserved_inverses(cfg)
         self.first = min(t.block for t in targets)
         self.autocast = resolve_autocast(cfg)
         self.cache = PrefixStateCache(self.model, self.first, enabled=cfg.prefix_cache)
@@ -117,6 +132,24 @@ class EditorTrainer:
             {"params": nets.editor_parameters(), "lr": cfg.lr},
             {"params": [nets.log_lr], "lr": cfg.lr_lr},
         ])
+
+    def _preserved_inverses(self, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+        if cfg.mend.preserve_lambda <= 0:
+            return {}
+        if cfg.mend.preserve_keys != "last":
+            raise ValueError("training re-solves at one key per record, its last factor token: preserve_keys "
+                             f"must be 'last', not {cfg.mend.preserve_keys!r}")
+        if not cfg.stats:
+            raise ValueError(f"preserve_lambda {cfg.mend.preserve_lambda:g} re-solves each training edit against key "
+                             "statistics: give them (--stats, a `mend stats` file)")
+        stats = KeyStats.load(cfg.stats)
+        if not stats.fits(self.model):
+            raise ValueError(f"{cfg.stats} holds key statistics of another model")
+        if not self.editor.use_statistics(stats, self.model):
+            raise ValueError(f"{cfg.stats} covers none of the editor's targets "
+                             f"({', '.join(t.name for t in self.editor.targets)})")
+        # no earlier edits during training: each edit is solved against (lam C)^-1 alone
+        return {name: kept.inverse([]).to(cfg.device) for name, kept in self.editor.preserved.items()}
 
     def _amp(self):
         """bf16 autocast when enabled (see ``TrainConfig.autocast``), else nothing."""
@@ -144,7 +177,17 @@ class EditorTrainer:
                 run=lambda: tail_logits(self.model, self.first, states, edit.attention_mask, target_positions(edit)),
                 loss_fn=selected_target_nll,
             )
-        return self.editor.updates_from_factors(factors)  # editor nets in fp32
+        return self._resolved(self.editor.updates_from_factors(factors), factors)  # editor nets in fp32
+
+    def _resolved(self, updates: dict[str, LowRankUpdate], factors: TokenFactors) -> dict[str, LowRankUpdate]:
+        """``updates`` with the re-solved targets' proposals written as the least-squares update at each
+        record's key, its last factor token (``preserve_keys`` "last"); differentiable in the nets."""
+        if not self.inverses:
+            return updates
+        rows = last_of_each_row(factors.row)  # (n,) one key per record
+        owners = (factors.row[rows], factors.row)  # each key asks for its own record's proposal only
+        return {name: preserved_update(u, factors.x[name][rows], self.inverses[name], owners)
+                if name in self.inverses else u for name, u in updates.items()}
 
     def step(self, records: list[EditRecord]) -> dict[str, float]:
         """One meta-training step on a batch of edits; returns the loss terms."""
@@ -179,7 +222,7 @@ class EditorTrainer:
     def validate(self, records: list[EditRecord], edit: bool = True) -> dict[str, float]:
         """Edit each record alone (editor in eval mode) and score it, as a user would see it."""
         self.editor.nets.eval()
-        hits = {"efficacy": [], "paraphrase": [], "neighborhood": []}
+        hits = {"efficacy": [], "paraphrase": [], "neighborhood": [], "take": []}
         max_len = self.cfg.mend.max_len
         for r in records:
             if r.ground_truth is None:
@@ -194,15 +237,19 @@ class EditorTrainer:
                 pairs += [(lp.prompt, lp.answer), (lp.prompt, r.target_new)]
             b = _pairs_batch(self.tok, pairs, max_len).to(self.cfg.device)
             with added_updates(self.model, updates):
-                mlp = _mean_logprobs(self._tail(b), b).tolist()
+                logits = self._tail(b)  # (B, T, V)
+            mlp = _mean_logprobs(logits, b).tolist()
             wins = [mlp[i] > mlp[i + 1] for i in range(0, len(mlp), 2)]
             hits["efficacy"].append(float(wins[0]))
+            hits["take"].append(float(_row_takes(logits, b, 0)))  # row 0: the prompt with its new target
             n_reph = len(r.rephrases)
             if n_reph:
                 hits["paraphrase"].append(sum(wins[1 : 1 + n_reph]) / n_reph)
             if r.locality:
                 hits["neighborhood"].append(sum(wins[1 + n_reph :]) / len(r.locality))
         out = {k: sum(v) / len(v) if v else float("nan") for k, v in hits.items()}
+        # model selection keeps MEND's mean of the three; "take" (one edit makes the new target the greedy
+        # answer, what `success` counts) is reported beside it
         out["score"] = (out["efficacy"] + out["paraphrase"] + out["neighborhood"]) / 3
         return out
 
@@ -235,6 +282,12 @@ def stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _row_takes(logits: torch.Tensor, batch: TokenBatch, row: int) -> bool:
+    """Is every target token of ``batch`` row ``row`` the greedy next token in ``logits`` (B, T, V)?"""
+    mask = batch.target_mask[row]  # (T-1,)
+    return bool((logits[row, :-1].argmax(-1)[mask] == batch.labels[row, 1:][mask]).all())
 
 
 def train_val_split(cfg: TrainConfig) -> tuple[list[EditRecord], list[EditRecord]]:
@@ -322,6 +375,8 @@ def _save(out: Path, cfg: TrainConfig, trainer: EditorTrainer, summary: dict) ->
         "training": {"config": {k: v for k, v in asdict(cfg).items() if k != "mend"}, **summary},
     }
     checkpoint.save(out, cfg.mend, trainer.state(), info)
+    if cfg.stats and cfg.mend.preserve_lambda > 0 and not (out / MEND_STATS_FILE).exists():
+        shutil.copyfile(cfg.stats, out / MEND_STATS_FILE)  # what the editor re-solves against when loaded
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -352,6 +407,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--autocast", default=d.autocast, choices=["auto", "bf16", "off"],
                    help="bf16 autocast of the passes the editor is not trained through (auto: on CUDA)")
+    p.add_argument("--preserve-lambda", type=float, default=m.preserve_lambda,
+                   help="re-solve each edit against key statistics with this weight on them, and train through it")
+    p.add_argument("--stats", default=None, help="key statistics for --preserve-lambda (a `mend stats` file)")
     p.add_argument("--init-from", default=None, help="start from this checkpoint's editor (and its config)")
     p.add_argument("--no-prefix-cache", action="store_true", help="recompute the frozen prefix every step")
 
@@ -360,14 +418,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig a parsed ``mend train`` command line stands for."""
     mend = MendConfig(targets=args.targets or [], last_blocks=args.last_blocks, blocks=args.blocks or [], rank=args.rank,
                       n_blocks=args.n_blocks, init_lr=args.init_lr,
-                      factor_tokens=args.factor_tokens)
+                      factor_tokens=args.factor_tokens, preserve_lambda=args.preserve_lambda,
+                      preserve_keys="last" if args.preserve_lambda > 0 else MendConfig.preserve_keys)
     return TrainConfig(
         model=args.model, data=list(args.data), format=args.format, out=args.out, val_size=args.val_size,
         edits_per_step=args.edits_per_step, steps=args.steps, lr=args.lr, lr_lr=args.lr_lr,
         c_edit=args.c_edit, c_loc=args.c_loc, val_every=args.val_every, patience=args.patience,
         seed=args.seed, device=args.device, dtype=args.dtype, autocast=args.autocast,
         prefix_cache=not args.no_prefix_cache,
-        limit=args.limit, init_from=args.init_from, mend=mend,
+        limit=args.limit, init_from=args.init_from, stats=args.stats, mend=mend,
     )
 
 

@@ -103,3 +103,50 @@ def test_sigterm_stops_training_and_keeps_the_best_checkpoint(tiny_gpt2, tiny_to
     assert len(history["train"]) == 3  # the step under way finished, the run did not go on to 50
     assert (tmp_path / "ed" / "editor.safetensors").is_file() and (tmp_path / "ed" / "training.png").is_file()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _resolving_trainer(tiny_llama, tiny_tokenizer, tmp_path, **train):
+    """A trainer whose edits are re-solved against statistics of block 2's output projection (block 3's, at
+    the subject, reaches no target logit: its gradient there is zero)."""
+    from editor_core.stats import collect_key_stats
+
+    texts = [r.prompt + " " + r.ground_truth for r in load_records(FACTS) if r.ground_truth]
+    stats_file = collect_key_stats(tiny_llama, tiny_tokenizer, texts, [2], progress=False).save(tmp_path / "ks.safetensors")
+    mend = MendConfig(rank=8, last_blocks=2, factor_tokens="subject", preserve_lambda=1.0, preserve_keys="last")
+    cfg = TrainConfig(data=[FACTS], stats=str(stats_file), mend=mend, **train)
+    return EditorTrainer(cfg, LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory"))
+
+
+def test_training_through_the_re_solve_proposes_what_one_inference_pass_writes(tiny_llama, tiny_tokenizer, tmp_path):
+    trainer = _resolving_trainer(tiny_llama, tiny_tokenizer, tmp_path)
+    (solved,) = trainer.inverses  # block 2's output projection; the other targets keep MEND's sum
+    record = load_records(FACTS)[2]
+    trained = trainer._edit_updates([record])
+    assert trained[solved].dense().abs().max() > 0
+    assert trained[solved].rank == 1  # one key: the subject's last token
+    inference = trainer.editor.compute_delta(trainer.model, trainer.tok, [record.to_request()]).updates
+    for name, update in trained.items():  # the default config runs one pass, unscaled
+        assert torch.allclose(update.dense(), inference[name].dense(), atol=1e-6), name
+    # the solve is differentiable in the nets: the solved update carries gradient to its step size
+    trained[solved].dense().abs().sum().backward()  # (a sum of squares of updates this small underflows)
+    assert trainer.editor.nets.log_lr.grad[trainer.editor.nets.target_names.index(solved)] != 0
+
+
+def test_training_through_the_re_solve_saves_the_statistics_the_editor_loads(tiny_llama, tiny_tokenizer, tmp_path):
+    out = tmp_path / "ed"
+    trainer = _resolving_trainer(tiny_llama, tiny_tokenizer, tmp_path, out=str(out), val_size=4, steps=2, val_every=2,
+                                 edits_per_step=2)
+    history = train(trainer.cfg, LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory"))
+    assert 0.0 <= history["val"][-1]["take"] <= 1.0 and "take" in history["unedited"]
+    editor = MendEditor.load(out, trainer_stack(tiny_llama, trainer.cfg.mend.targets))
+    assert list(editor.preserved) == list(trainer.inverses)  # re-solved at inference against the copied statistics
+
+
+def test_training_with_a_re_solve_needs_statistics_and_last_keys(tiny_llama, tiny_tokenizer):
+    import pytest
+
+    lm = LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory")
+    with pytest.raises(ValueError, match="--stats"):
+        EditorTrainer(TrainConfig(data=[FACTS], mend=MendConfig(rank=8, preserve_lambda=1.0, preserve_keys="last")), lm)
+    with pytest.raises(ValueError, match="preserve_keys"):
+        EditorTrainer(TrainConfig(data=[FACTS], stats="x", mend=MendConfig(rank=8, preserve_lambda=1.0)), lm)
