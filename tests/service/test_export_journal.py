@@ -7,6 +7,7 @@ so the export finds the service's journal by fingerprint exactly as it would in 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import peft
@@ -36,12 +37,16 @@ def load_dir(path: Path):
 
 
 @pytest.fixture(scope="module")
-def history(tiny_tokenizer, tmp_path_factory):
+def history(tiny_tokenizer, tmp_path_factory) -> Iterator[dict]:
     """A journal with ft, mend, rollback, ft (versions 1-4) and the in-process logits at every version."""
     model_dir = tmp_path_factory.mktemp("tiny-model")
     make_tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     settings = make_settings(model=str(model_dir))
+    # the export runs at the settings' thread count (as the service does); a sum split over another number of
+    # threads rounds differently, so the logits it is compared with bit for bit are taken at the same count
+    previous = torch.get_num_threads()
+    torch.set_num_threads(settings.torch_threads)
     ids = tiny_tokenizer([FACTS[0]["prompt"] + " " + FACTS[0]["target_new"]], return_tensors="pt").input_ids
     seen = {}
     with serving(settings, tiny_tokenizer, loader=default_loader) as c:
@@ -62,7 +67,8 @@ def history(tiny_tokenizer, tmp_path_factory):
         record()
         fingerprint = eng.stack.fingerprint
     assert sorted(seen) == [0, 1, 2, 3, 4]
-    return {"settings": settings, "ids": ids, "seen": seen, "model_dir": model_dir, "fingerprint": fingerprint}
+    yield {"settings": settings, "ids": ids, "seen": seen, "model_dir": model_dir, "fingerprint": fingerprint}
+    torch.set_num_threads(previous)
 
 
 def cli(history, *args: str) -> int:
