@@ -174,6 +174,16 @@ def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return picked * batch.target_mask
 
 
+def greedy_rows(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """(B,) bool: is every target token of each row the argmax next token under teacher forcing?
+
+    logits: (B, T, V) from the model on ``batch.input_ids`` (what ``success`` asks of a prompt, read in one
+    forward instead of decoding).
+    """
+    missed = (logits[:, :-1].argmax(-1) != batch.labels[:, 1:]) & batch.target_mask  # (B, T-1)
+    return ~missed.any(-1)
+
+
 def target_positions(batch: TokenBatch) -> torch.Tensor:
     """(B, T) bool, T the input's width: positions whose logits predict a target token (the last column
     of a full batch never does; a batch :func:`without_last_input` has its labels one column wider)."""

@@ -128,12 +128,7 @@ class MendEditor:
                 raise ValueError(f"editor at {path} re-solves its updates against key statistics "
                                  f"(preserve_lambda {ckpt.config.preserve_lambda:g}; its own {STATS_FILE}, else "
                                  f"the locate methods' {LOCATE_STATS_FILE}): {err}") from err
-            if not stats.fits(stack.model):
-                raise ValueError(f"{stats_path} holds key statistics of another model")
-            covered = editor.use_statistics(stats, stack.model)
-            if not covered:
-                raise ValueError(f"{stats_path} covers none of the editor's targets "
-                                 f"({', '.join(t.name for t in editor.targets)})")
+            editor.use_statistics(stats, stack.model, source=str(stats_path))
         log.info("loaded MEND editor %s (nets for %d targets, edits %d) from %s", editor_id, len(targets),
                  len(editor.targets), path)
         return editor
@@ -153,16 +148,21 @@ class MendEditor:
         """Subjects to key the factors on, per ``config.factor_tokens`` (None = all tokens)."""
         return subjects if self.config.factor_tokens == "subject" else None
 
-    def use_statistics(self, stats: KeyStats, model: nn.Module) -> list[str]:
+    def use_statistics(self, stats: KeyStats, model: nn.Module, source: str = "the key statistics") -> list[str]:
         """Re-solve the updates of the targets ``stats`` covers against them (``preserve_lambda`` > 0).
 
         ``stats`` holds E[k k^T] of MLP output-projection inputs per layer (``mend stats``); returns the
-        names of the editor's targets it covers. The others keep MEND's sum of rank-one terms.
+        names of the editor's targets it covers. The others keep MEND's sum of rank-one terms. Statistics
+        of another model, or covering none of the targets, are refused (``source`` names them).
         """
         if self.config.preserve_lambda <= 0:
             raise ValueError("preserve_lambda is 0: the editor makes MEND's sum, it has no use for statistics")
+        if not stats.fits(model):
+            raise ValueError(f"{source} holds key statistics of another model")
         mine = {t.name for t in self.targets}
         covered = [t for t in out_proj_targets(model, stats.layers) if t.name in mine]
+        if not covered:
+            raise ValueError(f"{source} covers none of the editor's targets ({', '.join(sorted(mine))})")
         self.preserved = {t.name: KeptInverse(preserved_inverse(stats.moments[t.block], self.config.preserve_lambda)
                                               .to(device_of(model)), self.config.preserve_keep) for t in covered}
         return [t.name for t in covered]

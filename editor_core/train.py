@@ -38,6 +38,7 @@ from editor_core import checkpoint, models
 from editor_core.batching import (
     TokenBatch,
     build_batch,
+    greedy_rows,
     kl_pre_post,
     selected_target_nll,
     target_positions,
@@ -142,12 +143,7 @@ class EditorTrainer:
         if not cfg.stats:
             raise ValueError(f"preserve_lambda {cfg.mend.preserve_lambda:g} re-solves each training edit against key "
                              "statistics: give them (--stats, a `mend stats` file)")
-        stats = KeyStats.load(cfg.stats)
-        if not stats.fits(self.model):
-            raise ValueError(f"{cfg.stats} holds key statistics of another model")
-        if not self.editor.use_statistics(stats, self.model):
-            raise ValueError(f"{cfg.stats} covers none of the editor's targets "
-                             f"({', '.join(t.name for t in self.editor.targets)})")
+        self.editor.use_statistics(KeyStats.load(cfg.stats), self.model, source=cfg.stats)
         # no earlier edits during training: each edit is solved against (lam C)^-1 alone
         return {name: kept.inverse([]).to(cfg.device) for name, kept in self.editor.preserved.items()}
 
@@ -241,7 +237,7 @@ class EditorTrainer:
             mlp = _mean_logprobs(logits, b).tolist()
             wins = [mlp[i] > mlp[i + 1] for i in range(0, len(mlp), 2)]
             hits["efficacy"].append(float(wins[0]))
-            hits["take"].append(float(_row_takes(logits, b, 0)))  # row 0: the prompt with its new target
+            hits["take"].append(float(greedy_rows(logits, b)[0]))  # row 0: the prompt with its new target
             n_reph = len(r.rephrases)
             if n_reph:
                 hits["paraphrase"].append(sum(wins[1 : 1 + n_reph]) / n_reph)
@@ -284,12 +280,6 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, handler)
 
 
-def _row_takes(logits: torch.Tensor, batch: TokenBatch, row: int) -> bool:
-    """Is every target token of ``batch`` row ``row`` the greedy next token in ``logits`` (B, T, V)?"""
-    mask = batch.target_mask[row]  # (T-1,)
-    return bool((logits[row, :-1].argmax(-1)[mask] == batch.labels[row, 1:][mask]).all())
-
-
 def train_val_split(cfg: TrainConfig) -> tuple[list[EditRecord], list[EditRecord]]:
     """The (train, validation) records of a run: a seeded split of ``cfg.data``, so it can be redone."""
     records = [r for path in cfg.data for r in load_records(path, cfg.format, cfg.limit)]
@@ -317,6 +307,8 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
     log.info("training on %s (%s), autocast %s", where["device"], where["device_name"], trainer.autocast)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    if trainer.inverses:  # what the saved editor re-solves against when loaded (replacing an earlier run's)
+        shutil.copyfile(cfg.stats, out / MEND_STATS_FILE)
     bar = tqdm(range(1, cfg.steps + 1), desc="mend train", unit="step")
     with stop_on_signals() as stop:
         try:
@@ -375,8 +367,6 @@ def _save(out: Path, cfg: TrainConfig, trainer: EditorTrainer, summary: dict) ->
         "training": {"config": {k: v for k, v in asdict(cfg).items() if k != "mend"}, **summary},
     }
     checkpoint.save(out, cfg.mend, trainer.state(), info)
-    if cfg.stats and cfg.mend.preserve_lambda > 0 and not (out / MEND_STATS_FILE).exists():
-        shutil.copyfile(cfg.stats, out / MEND_STATS_FILE)  # what the editor re-solves against when loaded
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -66,3 +66,20 @@ def test_without_last_input_keeps_the_target_positions_and_labels(tiny_tokenizer
     # a row whose factor tokens fall back to every token (subject not found) reads the last column
     assert without_last_input(build_batch(tiny_tokenizer, ["Paris is"], ["France"], subjects=["Berlin"])) is None
     assert without_last_input(build_batch(tiny_tokenizer, ["Paris is"], ["France"])) is None
+
+
+def test_greedy_rows_need_every_target_token_to_be_the_argmax(tiny_tokenizer):
+    from editor_core.batching import build_batch, greedy_rows
+
+    batch = build_batch(tiny_tokenizer, ["Paris is in", "Rome is in"], [" France now", " Italy"])
+    logits = torch.zeros(*batch.input_ids.shape, len(tiny_tokenizer))  # (B, T, V)
+    nxt = batch.labels[:, 1:].clamp(min=0)  # (B, T-1)
+    logits[:, :-1].scatter_(-1, nxt.unsqueeze(-1), 1.0)  # every next token is the argmax
+    assert greedy_rows(logits, batch).tolist() == [True, True]
+    first_target = batch.target_mask[0].nonzero()[0, 0]  # row 0's first target position
+    logits[0, first_target, nxt[0, first_target]] = -1.0  # one target token is no longer greedy
+    assert greedy_rows(logits, batch).tolist() == [False, True]
+    prompt_pos = (~batch.target_mask[1]).nonzero()[0, 0]  # a prompt position of row 1: not read
+    logits[1, prompt_pos] = 0.0
+    logits[1, prompt_pos, 0] = 5.0
+    assert greedy_rows(logits, batch).tolist() == [False, True]

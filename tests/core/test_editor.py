@@ -265,6 +265,25 @@ def test_statistics_re_solve_the_covered_targets_only(tiny_llama, tiny_tokenizer
     assert b.meta["preserve_lambda"] == "1"
 
 
+def test_statistics_of_another_model_or_of_no_target_are_refused(tiny_llama, tiny_tokenizer, facts):
+    from conftest import make_tiny_llama
+
+    from editor_core.stats import collect_key_stats
+
+    stack = EditStack(tiny_llama, resolve_targets(tiny_llama))  # the MLPs of blocks 2-3
+    editor = MendEditor.untrained(stack, MendConfig(rank=8, preserve_lambda=1.0))
+    texts = [f["prompt"] for f in facts]
+    other = make_tiny_llama(len(tiny_tokenizer), seed=1)
+    with pytest.raises(ValueError, match="ks.st holds key statistics of another model"):
+        editor.use_statistics(collect_key_stats(other, tiny_tokenizer, texts, [2], progress=False), tiny_llama,
+                              source="ks.st")
+    with pytest.raises(ValueError, match="covers none of the editor's targets"):
+        editor.use_statistics(collect_key_stats(tiny_llama, tiny_tokenizer, texts, [0], progress=False), tiny_llama)
+    assert editor.preserved == {}  # nothing adopted from either
+    assert editor.use_statistics(collect_key_stats(tiny_llama, tiny_tokenizer, texts, [2], progress=False),
+                                 tiny_llama) == ["model.layers.2.mlp.down_proj"]
+
+
 def test_config_refuses_negative_settings():
     for bad in ({"refine_passes": -1}, {"refine_passes": 1.5}, {"extra_passes": -1}, {"extra_passes": True}, {"preserve_lambda": -2.0}, {"refine_seconds": -1},
                 {"pass_scale": 0.0}):

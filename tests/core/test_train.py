@@ -1,6 +1,7 @@
 import json
 import random
 
+import pytest
 import torch
 from conftest import FIXTURES, make_tiny_llama
 
@@ -137,14 +138,12 @@ def test_training_through_the_re_solve_saves_the_statistics_the_editor_loads(tin
     trainer = _resolving_trainer(tiny_llama, tiny_tokenizer, tmp_path, out=str(out), val_size=4, steps=2, val_every=2,
                                  edits_per_step=2)
     history = train(trainer.cfg, LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory"))
-    assert 0.0 <= history["val"][-1]["take"] <= 1.0 and "take" in history["unedited"]
+    assert all("take" in v for v in (history["unedited"], *history["val"]))  # greedy_rows: tests/core/test_batching.py
     editor = MendEditor.load(out, trainer_stack(tiny_llama, trainer.cfg.mend.targets))
     assert list(editor.preserved) == list(trainer.inverses)  # re-solved at inference against the copied statistics
 
 
 def test_training_with_a_re_solve_needs_statistics_and_last_keys(tiny_llama, tiny_tokenizer):
-    import pytest
-
     lm = LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory")
     with pytest.raises(ValueError, match="--stats"):
         EditorTrainer(TrainConfig(data=[FACTS], mend=MendConfig(rank=8, preserve_lambda=1.0, preserve_keys="last")), lm)
