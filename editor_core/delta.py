@@ -47,6 +47,12 @@ class LowRankUpdate:
         return self.u.float().t() @ self.v.float()
 
 
+def join_updates(parts: dict[str, list[LowRankUpdate]]) -> dict[str, LowRankUpdate]:
+    """Each target's updates as one: their factors stacked (the sum of the dense updates)."""
+    return {name: LowRankUpdate(torch.cat([p.u for p in ps]), torch.cat([p.v for p in ps]))
+            for name, ps in parts.items() if ps}
+
+
 @dataclass
 class EditDelta:
     """The factors of one edit (one or a batch of requests) for every target it touches."""

@@ -24,7 +24,7 @@ from editor_core.batching import (
     without_last_input,
 )
 from editor_core.config import INFERENCE_FIELDS, MendConfig
-from editor_core.delta import EditDelta, LowRankUpdate
+from editor_core.delta import EditDelta, LowRankUpdate, join_updates
 from editor_core.fingerprint import model_fingerprint, weights_fingerprint
 from editor_core.functional_edit import added_updates
 from editor_core.grads import TokenFactors, capture_factors
@@ -206,7 +206,7 @@ class MendEditor:
             writing.copy_(check(self._taken(logits, batch, request_of_row, checked)))
             return not bool(writing.any())
 
-        with added_updates(model, _joined(so_far)):  # output layer at targets only
+        with added_updates(model, join_updates(so_far)):  # output layer at targets only
             factors = capture_factors(model, self.targets, batch, run=run, loss_fn=loss_fn,
                                       stop=took_and_stop if check is not None else None)
         if factors is None:
@@ -218,7 +218,7 @@ class MendEditor:
                     if self.config.preserve_keys == "last" else slice(None))
             keys = {name: factors.x[name][rows] for name in inverses}  # (n, d_in) each
             if mean_keys is not None:
-                with added_updates(model, _joined(so_far)):
+                with added_updates(model, join_updates(so_far)):
                     index, averaged = mean_keys(keys)  # (m,) requests with a subject, their (m, d_in) keys
                 keys = {name: k.index_copy(0, index, averaged[name].to(k.dtype)) for name, k in keys.items()}
             updates = self.updates_from_factors(factors)
@@ -383,7 +383,7 @@ class MendEditor:
                     break
                 # the finished requests were not run since they finished: one forward over every row checks
                 # them all again, and those that no longer take (later facts' passes moved them) write again
-                with torch.no_grad(), added_updates(model, _joined(so_far)):
+                with torch.no_grad(), added_updates(model, join_updates(so_far)):
                     logits = _tail_run(model, first, states, batch.attention_mask, select, None, split)()  # (N, V)
                     running = ~self._taken(logits, batch, request_of_row, checked)  # (n,)
                 if not bool(running.any()):
@@ -443,7 +443,7 @@ class MendEditor:
             meta["key_prefixes"] = str(len(self.config.key_prefixes))
             if self.config.key_reads != "every_pass":
                 meta["key_reads"] = self.config.key_reads
-        return EditDelta(_joined(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
+        return EditDelta(join_updates(so_far), self.fingerprint, meta, keys={n: k.detach() for n, k in journaled.items()})
 
 
 def _momentum_growth(m: float, k: int) -> float:
@@ -539,12 +539,6 @@ def _narrowed_keys(mean_keys: MeanKeys, bare_at: dict[str, torch.Tensor], ids: t
 def _rows_of(update: LowRankUpdate, keep: torch.Tensor) -> LowRankUpdate:
     """The rows ``keep`` (r,) bool of an update's factors."""
     return LowRankUpdate(update.u[keep], update.v[keep])
-
-
-def _joined(parts: dict[str, list[LowRankUpdate]]) -> dict[str, LowRankUpdate]:
-    """Each target's updates as one: their factors stacked (the sum of the dense updates)."""
-    return {name: LowRankUpdate(torch.cat([p.u for p in ps]), torch.cat([p.v for p in ps]))
-            for name, ps in parts.items() if ps}
 
 
 def _stack_targets(stack: EditStack, config: MendConfig) -> list[Target]:

@@ -11,9 +11,21 @@ record's key, as one inference pass of the editor writes it (:mod:`editor_core.p
 normal equation with ``C`` as the preserved term), and the nets are trained through that solve: they learn
 what to propose for the update that is actually written, not for MEND's sum of rank-one terms.
 
+With ``sequence`` > 1 the steps come in sequences of that many edits applied one after another (RLEdit's
+lifelong training, Li et al., ICML 2025): each step edits the model as the sequence's earlier steps left
+it (their updates, detached, stay applied, and with ``mend.preserve_keep`` their keys join the re-solve's
+preserved term as they do at inference), and the loss adds
+
+  + c_keep * NLL(post-edit model, each earlier edit's target_new | its prompt)
+
+so the nets learn to edit an already-edited model without undoing what it was taught. The locality KL
+is then taken against the model before this step (what this edit changes), not the unedited one.
+
 Only the edited tail of the model runs per step: the hidden states entering the first edited block
 are cached once per text (:class:`PrefixStateCache`). Validation edits held-out records one at a time
-and tracks efficacy, paraphrase and neighborhood; the best checkpoint by their mean is kept.
+and tracks efficacy, paraphrase and neighborhood; the best checkpoint by their mean is kept. With
+``val_stacked`` the held-out records are also edited one after another into one model and scored at the
+end (``stacked_*``), and the score is the mean of the two.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ from editor_core.batching import (
 )
 from editor_core.config import MendConfig
 from editor_core.data import EditRecord, load_records, split_records
-from editor_core.delta import LowRankUpdate
+from editor_core.delta import LowRankUpdate, join_updates
 from editor_core.editor import STATS_FILE as MEND_STATS_FILE
 from editor_core.editor import MendEditor, last_of_each_row
 from editor_core.fingerprint import weights_fingerprint
@@ -79,6 +91,10 @@ class TrainConfig:
     lr_lr: float = 1e-2  # Adam lr of the log edit step sizes
     c_edit: float = 0.1
     c_loc: float = 1.0
+    # edits applied one after another before the model is reset (1: every step edits the unedited model)
+    sequence: int = 1
+    c_keep: float = 0.1  # weight of the earlier edits' NLL within a sequence (c_edit's default: as much as the current one)
+    val_stacked: bool = False  # also validate the held-out records edited one after another
     val_every: int = 100
     patience: int = 5  # validations without improvement before stopping
     seed: int = 0
@@ -107,6 +123,29 @@ def _mean_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return lp.sum(-1) / batch.target_mask.sum(-1).clamp(min=1)
 
 
+@dataclass
+class AppliedEdit:
+    """One edit of a sequence, left applied while the next ones are made (detached from the nets)."""
+
+    id: str
+    records: list[EditRecord]
+    updates: dict[str, LowRankUpdate]
+    keys: dict[str, torch.Tensor]  # re-solved target -> (n, d_in) the keys it was solved at
+
+
+def applied_updates(earlier: list[AppliedEdit]) -> dict[str, LowRankUpdate]:
+    """The earlier edits' updates as one per target (their sum)."""
+    parts: dict[str, list[LowRankUpdate]] = {}
+    for e in earlier:
+        for name, u in e.updates.items():
+            parts.setdefault(name, []).append(u)
+    return join_updates(parts)
+
+
+def _detached(updates: dict[str, LowRankUpdate]) -> dict[str, LowRankUpdate]:
+    return {n: LowRankUpdate(u.u.detach(), u.v.detach()) for n, u in updates.items()}
+
+
 class EditorTrainer:
     """Owns the frozen model, the editor being trained, its optimizer and the prefix cache."""
 
@@ -125,6 +164,10 @@ class EditorTrainer:
             log.info("continuing from %s", cfg.init_from)
         # target name -> (lam C)^-1 (d_in, d_in): the targets whose proposals are re-solved
         self.inverses = self._preserved_inverses(cfg)
+        if cfg.sequence < 1:
+            raise ValueError(f"sequence must be >= 1 (edits applied one after another), not {cfg.sequence}")
+        self.applied: list[AppliedEdit] = []  # the current sequence's earlier edits
+        self.edits_made = 0  # ids of applied edits, for the memoised preserved inverses
         self.first = min(t.block for t in targets)
         self.autocast = resolve_autocast(cfg)
         self.cache = PrefixStateCache(self.model, self.first, enabled=cfg.prefix_cache)
@@ -160,8 +203,9 @@ class EditorTrainer:
     def _tail(self, batch: TokenBatch, select: torch.Tensor | None = None) -> torch.Tensor:
         return tail_logits(self.model, self.first, self._states(batch), batch.attention_mask, select)
 
-    def _edit_updates(self, records: list[EditRecord]):
-        """Editor output for one batched edit of ``records`` (differentiable in the editor)."""
+    def _edit_updates(self, records: list[EditRecord], earlier: list[AppliedEdit] | None = None):
+        """Editor output for one batched edit of ``records`` (differentiable in the editor), and the keys it
+        was re-solved at; ``earlier`` are the edits applied before it (their keys join the preserved term)."""
         edit = build_batch(
             self.tok, [r.prompt for r in records], [r.target_new for r in records], self.cfg.mend.max_len,
             subjects=self.editor.factor_subjects([r.subject for r in records]),
@@ -173,17 +217,36 @@ class EditorTrainer:
                 run=lambda: tail_logits(self.model, self.first, states, edit.attention_mask, target_positions(edit)),
                 loss_fn=selected_target_nll,
             )
-        return self._resolved(self.editor.updates_from_factors(factors), factors)  # editor nets in fp32
+        updates = self.editor.updates_from_factors(factors)  # editor nets in fp32
+        return self._resolved(updates, factors, earlier or [])
 
-    def _resolved(self, updates: dict[str, LowRankUpdate], factors: TokenFactors) -> dict[str, LowRankUpdate]:
+    def _resolved(self, updates: dict[str, LowRankUpdate], factors: TokenFactors, earlier: list[AppliedEdit]
+                  ) -> tuple[dict[str, LowRankUpdate], dict[str, torch.Tensor]]:
         """``updates`` with the re-solved targets' proposals written as the least-squares update at each
-        record's key, its last factor token (``preserve_keys`` "last"); differentiable in the nets."""
+        record's key, its last factor token (``preserve_keys`` "last"); differentiable in the nets. Returns
+        them with those keys, (n, d_in) per re-solved target."""
         if not self.inverses:
-            return updates
+            return updates, {}
         rows = last_of_each_row(factors.row)  # (n,) one key per record
         owners = (factors.row[rows], factors.row)  # each key asks for its own record's proposal only
-        return {name: preserved_update(u, factors.x[name][rows], self.inverses[name], owners)
-                if name in self.inverses else u for name, u in updates.items()}
+        keys = {name: factors.x[name][rows].detach().float() for name in self.inverses}
+        inverses = self._inverses_after(earlier)
+        solved = {name: preserved_update(u, keys[name], inverses[name], owners) if name in inverses else u
+                  for name, u in updates.items()}
+        return solved, keys
+
+    def _inverses_after(self, earlier: list[AppliedEdit]) -> dict[str, torch.Tensor]:
+        """(lam C + keep K_p^T K_p)^-1 per re-solved target, K_p the keys of ``earlier`` (as inference's
+        ``preserve_keep`` reads the stack's active edits); (lam C)^-1 when there are none."""
+        if not earlier or self.cfg.mend.preserve_keep <= 0:
+            return self.inverses
+        return {name: kept.inverse([(e.id, e.keys[name]) for e in earlier]).to(self.inverses[name])
+                for name, kept in self.editor.preserved.items()}
+
+    def _remember(self, records: list[EditRecord], updates: dict[str, LowRankUpdate], keys: dict[str, torch.Tensor],
+                  into: list[AppliedEdit]) -> None:
+        self.edits_made += 1
+        into.append(AppliedEdit(str(self.edits_made), records, _detached(updates), keys))
 
     def step(self, records: list[EditRecord]) -> dict[str, float]:
         """One meta-training step on a batch of edits; returns the loss terms."""
@@ -191,66 +254,110 @@ class EditorTrainer:
         dev, max_len = self.cfg.device, self.cfg.mend.max_len
         post_pairs = [(p, r.target_new) for r in records for p in (r.prompt, *r.rephrases)]
         loc_pairs = [(lp.prompt, lp.answer) for r in records for lp in r.locality]
+        kept_pairs = [(r.prompt, r.target_new) for e in self.applied for r in e.records]
         post_b = _pairs_batch(self.tok, post_pairs, max_len).to(dev)
         loc_b = _pairs_batch(self.tok, loc_pairs, max_len).to(dev) if loc_pairs else None
+        kept_b = _pairs_batch(self.tok, kept_pairs, max_len).to(dev) if kept_pairs else None
         # Logits only where a loss reads them: the target positions of the edit sequences, and the
         # answer positions of the locality sequences (KL over the neighbour's answer tokens).
         loc_sel = target_positions(loc_b) if loc_b is not None else None
-        with torch.no_grad(), self._amp():
-            loc_pre = torch.log_softmax(self._tail(loc_b, loc_sel).float(), -1) if loc_b is not None else None
-        updates = self._edit_updates(records)
-        with added_updates(self.model, updates):
-            l_edit = selected_target_nll(self._tail(post_b, target_positions(post_b)), post_b)
-            if loc_b is not None:
-                loc_post = self._tail(loc_b, loc_sel)  # (N, V)
-                l_loc = kl_pre_post(loc_pre, loc_post, torch.ones(loc_post.shape[0], device=dev))
-            else:
-                l_loc = torch.zeros((), device=dev)
-        loss = self.cfg.c_edit * l_edit + self.cfg.c_loc * l_loc
+        zero = torch.zeros((), device=dev)
+        with added_updates(self.model, applied_updates(self.applied)):  # the model as the sequence left it
+            with torch.no_grad(), self._amp():
+                loc_pre = torch.log_softmax(self._tail(loc_b, loc_sel).float(), -1) if loc_b is not None else None
+            updates, keys = self._edit_updates(records, self.applied)
+            with added_updates(self.model, updates):
+                l_edit = selected_target_nll(self._tail(post_b, target_positions(post_b)), post_b)
+                l_keep = (selected_target_nll(self._tail(kept_b, target_positions(kept_b)), kept_b)
+                          if kept_b is not None else zero)
+                if loc_b is not None:
+                    loc_post = self._tail(loc_b, loc_sel)  # (N, V)
+                    l_loc = kl_pre_post(loc_pre, loc_post, torch.ones(loc_post.shape[0], device=dev))
+                else:
+                    l_loc = zero
+        loss = self.cfg.c_edit * l_edit + self.cfg.c_keep * l_keep + self.cfg.c_loc * l_loc
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.editor.nets.parameters(), 10.0)
         self.opt.step()
-        return {"loss": float(loss.detach()), "edit_nll": float(l_edit.detach()), "loc_kl": float(l_loc.detach()),
-                "log_lr": float(self.editor.nets.log_lr.detach().mean())}
+        if self.cfg.sequence > 1:  # this edit stays applied (as the nets made it) for the sequence's next steps
+            self._remember(records, updates, keys, self.applied)
+            if len(self.applied) == self.cfg.sequence:
+                self.applied = []
+        out = {"loss": float(loss.detach()), "edit_nll": float(l_edit.detach()), "loc_kl": float(l_loc.detach()),
+               "log_lr": float(self.editor.nets.log_lr.detach().mean())}
+        if kept_b is not None:
+            out["keep_nll"] = float(l_keep.detach())
+        return out
 
     @torch.no_grad()
     def validate(self, records: list[EditRecord], edit: bool = True) -> dict[str, float]:
-        """Edit each record alone (editor in eval mode) and score it, as a user would see it."""
+        """Edit each record alone (editor in eval mode) and score it, as a user would see it; with
+        ``val_stacked`` (and ``edit``) also :meth:`validate_stacked`, and the score is the mean of the two."""
         self.editor.nets.eval()
-        hits = {"efficacy": [], "paraphrase": [], "neighborhood": [], "take": []}
-        max_len = self.cfg.mend.max_len
+        hits: dict[str, list[float]] = {}
         for r in records:
             if r.ground_truth is None:
                 continue
             with torch.enable_grad():
-                updates = self._edit_updates([r]) if edit else {}
-            updates = {n: type(u)(u.u.detach(), u.v.detach()) for n, u in updates.items()}
-            pairs = [(r.prompt, r.target_new), (r.prompt, r.ground_truth)]
-            for p in r.rephrases:
-                pairs += [(p, r.target_new), (p, r.ground_truth)]
-            for lp in r.locality:
-                pairs += [(lp.prompt, lp.answer), (lp.prompt, r.target_new)]
-            b = _pairs_batch(self.tok, pairs, max_len).to(self.cfg.device)
-            with added_updates(self.model, updates):
-                logits = self._tail(b)  # (B, T, V)
-            mlp = _mean_logprobs(logits, b).tolist()
-            wins = [mlp[i] > mlp[i + 1] for i in range(0, len(mlp), 2)]
-            hits["efficacy"].append(float(wins[0]))
-            hits["take"].append(float(greedy_rows(logits, b)[0]))  # row 0: the prompt with its new target
-            n_reph = len(r.rephrases)
-            if n_reph:
-                hits["paraphrase"].append(sum(wins[1 : 1 + n_reph]) / n_reph)
-            if r.locality:
-                hits["neighborhood"].append(sum(wins[1 + n_reph :]) / len(r.locality))
-        out = {k: sum(v) / len(v) if v else float("nan") for k, v in hits.items()}
-        # model selection keeps MEND's mean of the three; "take" (one edit makes the new target the greedy
-        # answer, what `success` counts) is reported beside it
-        out["score"] = (out["efficacy"] + out["paraphrase"] + out["neighborhood"]) / 3
+                updates = _detached(self._edit_updates([r])[0]) if edit else {}
+            self._score(r, updates, hits)
+        out = _rates(hits)
+        if self.cfg.val_stacked and edit:
+            stacked = self.validate_stacked(records)
+            out.update({f"stacked_{k}": v for k, v in stacked.items()})
+            out["score"] = (out["score"] + stacked["score"]) / 2
         return out
+
+    @torch.no_grad()
+    def validate_stacked(self, records: list[EditRecord]) -> dict[str, float]:
+        """Edit the records one after another into one model (each on the model the earlier ones left, with
+        their keys preserved as ``preserve_keep`` asks) and score every record at the end, all applied."""
+        self.editor.nets.eval()
+        records = [r for r in records if r.ground_truth is not None]
+        applied: list[AppliedEdit] = []
+        for r in records:
+            with added_updates(self.model, applied_updates(applied)), torch.enable_grad():
+                updates, keys = self._edit_updates([r], applied)
+            self._remember([r], updates, keys, applied)
+        hits: dict[str, list[float]] = {}
+        every = applied_updates(applied)
+        for r in records:
+            self._score(r, every, hits)
+        return _rates(hits)
+
+    def _score(self, r: EditRecord, updates: dict[str, LowRankUpdate], hits: dict[str, list[float]]) -> None:
+        """Add record ``r``'s efficacy, take, paraphrase and neighborhood with ``updates`` applied to ``hits``."""
+        pairs = [(r.prompt, r.target_new), (r.prompt, r.ground_truth)]
+        for p in r.rephrases:
+            pairs += [(p, r.target_new), (p, r.ground_truth)]
+        for lp in r.locality:
+            pairs += [(lp.prompt, lp.answer), (lp.prompt, r.target_new)]
+        b = _pairs_batch(self.tok, pairs, self.cfg.mend.max_len).to(self.cfg.device)
+        with added_updates(self.model, updates):
+            logits = self._tail(b)  # (B, T, V)
+        mlp = _mean_logprobs(logits, b).tolist()
+        wins = [mlp[i] > mlp[i + 1] for i in range(0, len(mlp), 2)]
+        hits.setdefault("efficacy", []).append(float(wins[0]))
+        hits.setdefault("take", []).append(float(greedy_rows(logits, b)[0]))  # row 0: the prompt, new target
+        n_reph = len(r.rephrases)
+        if n_reph:
+            hits.setdefault("paraphrase", []).append(sum(wins[1 : 1 + n_reph]) / n_reph)
+        if r.locality:
+            hits.setdefault("neighborhood", []).append(sum(wins[1 + n_reph :]) / len(r.locality))
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.editor.nets.state_dict()
+
+
+def _rates(hits: dict[str, list[float]]) -> dict[str, float]:
+    """Each metric's mean over the records, and the selection score."""
+    out = {k: sum(hits.get(k, [])) / len(hits[k]) if hits.get(k) else float("nan")
+           for k in ("efficacy", "paraphrase", "neighborhood", "take")}
+    # model selection keeps MEND's mean of the three; "take" (one edit makes the new target the greedy
+    # answer, what `success` counts) is reported beside it
+    out["score"] = (out["efficacy"] + out["paraphrase"] + out["neighborhood"]) / 3
+    return out
 
 
 @contextmanager
@@ -380,10 +487,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", default=d.data, help="training files (CounterFact/zsRE/KnowEdit)")
     p.add_argument("--format", default=d.format, choices=["auto", "counterfact", "zsre", "knowedit"])
     p.add_argument("--out", default=d.out, help="checkpoint directory")
-    for name in ("val_size", "edits_per_step", "steps", "val_every", "patience", "seed"):
+    for name in ("val_size", "edits_per_step", "steps", "val_every", "patience", "seed", "sequence"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--val-stacked", action="store_true",
+                   help="also validate the held-out records edited one after another (score: mean of both)")
     p.add_argument("--limit", type=int, default=None, help="read at most N records per file")
-    for name in ("lr", "lr_lr", "c_edit", "c_loc"):
+    for name in ("lr", "lr_lr", "c_edit", "c_loc", "c_keep"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--rank", type=int, default=m.rank)
     p.add_argument("--n-blocks", type=int, default=m.n_blocks)
@@ -413,7 +522,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=args.model, data=list(args.data), format=args.format, out=args.out, val_size=args.val_size,
         edits_per_step=args.edits_per_step, steps=args.steps, lr=args.lr, lr_lr=args.lr_lr,
-        c_edit=args.c_edit, c_loc=args.c_loc, val_every=args.val_every, patience=args.patience,
+        c_edit=args.c_edit, c_loc=args.c_loc, sequence=args.sequence, c_keep=args.c_keep,
+        val_stacked=args.val_stacked, val_every=args.val_every, patience=args.patience,
         seed=args.seed, device=args.device, dtype=args.dtype, autocast=args.autocast,
         prefix_cache=not args.no_prefix_cache,
         limit=args.limit, init_from=args.init_from, stats=args.stats, mend=mend,

@@ -11,6 +11,7 @@ from editor_core.data import load_records, split_records
 from editor_core.editor import MendEditor
 from editor_core.functional_edit import added_updates
 from editor_core.models import LoadedModel
+from editor_core.stats import KeyStats
 from editor_core.train import EditorTrainer, TrainConfig, train
 
 FACTS = str(FIXTURES / "facts.json")
@@ -122,7 +123,7 @@ def test_training_through_the_re_solve_proposes_what_one_inference_pass_writes(t
     trainer = _resolving_trainer(tiny_llama, tiny_tokenizer, tmp_path)
     (solved,) = trainer.inverses  # block 2's output projection; the other targets keep MEND's sum
     record = load_records(FACTS)[2]
-    trained = trainer._edit_updates([record])
+    trained, _ = trainer._edit_updates([record])
     assert trained[solved].dense().abs().max() > 0
     assert trained[solved].rank == 1  # one key: the subject's last token
     inference = trainer.editor.compute_delta(trainer.model, trainer.tok, [record.to_request()]).updates
@@ -149,3 +150,63 @@ def test_training_with_a_re_solve_needs_statistics_and_last_keys(tiny_llama, tin
         EditorTrainer(TrainConfig(data=[FACTS], mend=MendConfig(rank=8, preserve_lambda=1.0, preserve_keys="last")), lm)
     with pytest.raises(ValueError, match="preserve_keys"):
         EditorTrainer(TrainConfig(data=[FACTS], stats="x", mend=MendConfig(rank=8, preserve_lambda=1.0)), lm)
+
+
+def _frozen_trainer(tiny_llama, tiny_tokenizer, tmp_path, **train):
+    """A re-solving trainer whose nets do not move (lr 0), so a step's edit can be recomputed after it."""
+    return _resolving_trainer(tiny_llama, tiny_tokenizer, tmp_path, lr=0.0, lr_lr=0.0, **train)
+
+
+def test_a_sequence_edits_the_model_its_earlier_steps_left_and_asks_them_to_hold(tiny_llama, tiny_tokenizer, tmp_path):
+    trainer = _frozen_trainer(tiny_llama, tiny_tokenizer, tmp_path, sequence=2, c_keep=1.0)
+    first, second = load_records(FACTS)[2:3], load_records(FACTS)[4:5]
+    assert "keep_nll" not in trainer.step(first)
+    (applied,) = trainer.applied  # the first edit stays applied for the sequence's second step
+    alone, _ = trainer._edit_updates(second)  # the second edit as the unedited model would get it
+    with torch.no_grad(), added_updates(trainer.model, applied.updates):
+        expected, _ = trainer._edit_updates(second, [applied])
+        b = build_batch(trainer.tok, [first[0].prompt], [first[0].target_new])
+        with added_updates(trainer.model, expected):
+            held = float(mean_target_nll(trainer.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b))
+    stats = trainer.step(second)
+    assert stats["keep_nll"] == pytest.approx(held, rel=1e-4)  # the first edit's NLL with both applied
+    solved = next(iter(trainer.inverses))
+    assert not torch.allclose(expected[solved].dense(), alone[solved].dense())  # the gradient read the edited model
+    assert trainer.applied == []  # a sequence of 2 ends: the next step edits the unedited model
+
+
+def test_a_sequence_keeps_the_outputs_at_earlier_edits_keys_with_preserve_keep(tiny_llama, tiny_tokenizer, tmp_path):
+    moved = {}
+    for keep in (0.0, 100.0):
+        trainer = _frozen_trainer(tiny_llama, tiny_tokenizer, tmp_path, sequence=3)
+        trainer.cfg.mend.preserve_keep = keep
+        trainer.editor.use_statistics(KeyStats.load(trainer.cfg.stats), trainer.model)  # KeptInverse at this keep
+        trainer.step(load_records(FACTS)[2:3])
+        (applied,) = trainer.applied
+        with torch.no_grad(), added_updates(trainer.model, applied.updates):
+            updates, _ = trainer._edit_updates(load_records(FACTS)[4:5], trainer.applied)
+        moved[keep] = {n: float((applied.keys[n] @ updates[n].dense().t()).norm()) for n in trainer.inverses}
+    for name in moved[0.0]:  # the second edit changes the first one's output far less where it is kept
+        assert moved[100.0][name] < 0.2 * moved[0.0][name], moved
+
+
+def test_stacked_validation_of_one_record_is_its_single_edit_and_training_reports_it(tiny_llama, tiny_tokenizer, tmp_path):
+    trainer = _frozen_trainer(tiny_llama, tiny_tokenizer, tmp_path, val_stacked=True)
+    one = load_records(FACTS)[2:3]
+    val = trainer.validate(one)
+    for k in ("efficacy", "paraphrase", "neighborhood", "take"):
+        assert val[f"stacked_{k}"] == val[k], k
+    out = tmp_path / "seq"
+    trainer.cfg.out, trainer.cfg.val_size, trainer.cfg.steps, trainer.cfg.val_every = str(out), 4, 2, 2
+    trainer.cfg.sequence, trainer.cfg.lr, trainer.cfg.init_from = 2, 1e-3, None
+    history = train(trainer.cfg, LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory"))
+    (val,) = history["val"]
+    assert "keep_nll" in history["train"][1] and "stacked_take" in val
+    assert val["score"] == pytest.approx((val["stacked_score"] + (val["efficacy"] + val["paraphrase"]
+                                                                   + val["neighborhood"]) / 3) / 2)
+
+
+def test_a_sequence_must_hold_at_least_one_edit(tiny_llama, tiny_tokenizer):
+    with pytest.raises(ValueError, match="sequence"):
+        EditorTrainer(TrainConfig(data=[FACTS], sequence=0, mend=MendConfig(rank=8)),
+                      LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory"))
