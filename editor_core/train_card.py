@@ -17,7 +17,7 @@ CARD_TEMPLATE = """# MEND editor training card: {model}
 | device | {device} ({device_name}) |
 | precision | model {dtype}; autocast {autocast} |
 | torch | {torch} |
-| steps run | {steps_run} of {steps} ({edits_per_step} edits per step) |
+| steps run | {steps_run} of {steps} ({edits_per_step} edits per step{sequence}) |
 | wall time | {wall_s:.0f} s ({step_s:.2f} s per step, validations included) |
 | best checkpoint | step {best_step} ({best_wall_s:.0f} s into the run) |
 | validation at the best step | {best_val} |
@@ -50,6 +50,8 @@ def write_card(out: Path, cfg, history: dict, best: dict | None, autocast: str) 
     steps_run = len(history["train"])
     fields = {**device_description(cfg.device), "model": cfg.model, "dtype": cfg.dtype, "autocast": autocast,
               "steps_run": steps_run, "steps": cfg.steps, "edits_per_step": cfg.edits_per_step,
+              "sequence": (f"; {cfg.sequence} steps applied one after another per sequence, keep weight {cfg.c_keep:g}"
+                           if cfg.sequence > 1 else ""),
               "wall_s": history["wall_s"], "step_s": history["step_s"],
               "best_step": best["step"] if best else "-", "best_wall_s": best["wall_s"] if best else 0.0,
               "best_val": _fmt(best["val"] if best else None), "unedited": _fmt(history.get("unedited")),

@@ -202,6 +202,7 @@ def test_stacked_validation_of_one_record_is_its_single_edit_and_training_report
     history = train(trainer.cfg, LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory"))
     (val,) = history["val"]
     assert "keep_nll" in history["train"][1] and "stacked_take" in val
+    assert "2 steps applied one after another per sequence" in (out / "card.md").read_text()
     assert val["score"] == pytest.approx((val["stacked_score"] + (val["efficacy"] + val["paraphrase"]
                                                                    + val["neighborhood"]) / 3) / 2)
 
