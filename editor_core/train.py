@@ -112,6 +112,10 @@ class TrainConfig:
     stats: str | None = None
     mend: MendConfig = field(default_factory=MendConfig)
 
+    def __post_init__(self) -> None:
+        if self.sequence < 1:
+            raise ValueError(f"sequence must be >= 1 (edits applied one after another), not {self.sequence}")
+
 
 def _pairs_batch(tok, pairs: list[tuple[str, str]], max_len: int) -> TokenBatch:
     return build_batch(tok, [p for p, _ in pairs], [t for _, t in pairs], max_len)
@@ -164,8 +168,6 @@ class EditorTrainer:
             log.info("continuing from %s", cfg.init_from)
         # target name -> (lam C)^-1 (d_in, d_in): the targets whose proposals are re-solved
         self.inverses = self._preserved_inverses(cfg)
-        if cfg.sequence < 1:
-            raise ValueError(f"sequence must be >= 1 (edits applied one after another), not {cfg.sequence}")
         self.applied: list[AppliedEdit] = []  # the current sequence's earlier edits
         self.edits_made = 0  # ids of applied edits, for the memoised preserved inverses
         self.first = min(t.block for t in targets)
@@ -487,12 +489,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", default=d.data, help="training files (CounterFact/zsRE/KnowEdit)")
     p.add_argument("--format", default=d.format, choices=["auto", "counterfact", "zsre", "knowedit"])
     p.add_argument("--out", default=d.out, help="checkpoint directory")
-    for name in ("val_size", "edits_per_step", "steps", "val_every", "patience", "seed", "sequence"):
+    for name in ("val_size", "edits_per_step", "steps", "val_every", "patience", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--sequence", type=int, default=d.sequence,
+                   help="steps applied one after another before the model is reset (RLEdit; 1: each step edits "
+                        "the unedited model)")
+    p.add_argument("--c-keep", type=float, default=d.c_keep,
+                   help="weight of the sequence's earlier edits' NLL (with --sequence > 1)")
     p.add_argument("--val-stacked", action="store_true",
                    help="also validate the held-out records edited one after another (score: mean of both)")
     p.add_argument("--limit", type=int, default=None, help="read at most N records per file")
-    for name in ("lr", "lr_lr", "c_edit", "c_loc", "c_keep"):
+    for name in ("lr", "lr_lr", "c_edit", "c_loc"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--rank", type=int, default=m.rank)
     p.add_argument("--n-blocks", type=int, default=m.n_blocks)
@@ -532,7 +539,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mend train``; returns the process exit code."""
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         log.error("--device %s: no CUDA device here (torch %s); install a CUDA build of torch (make setup "
                   "TORCH_INDEX=https://download.pytorch.org/whl/cu126) on a machine with a GPU, or train with "

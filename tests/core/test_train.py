@@ -207,7 +207,14 @@ def test_stacked_validation_of_one_record_is_its_single_edit_and_training_report
                                                                    + val["neighborhood"]) / 3) / 2)
 
 
-def test_a_sequence_must_hold_at_least_one_edit(tiny_llama, tiny_tokenizer):
+def test_a_sequence_must_hold_at_least_one_edit(tmp_path, caplog):
+    import argparse
+
+    from editor_core.train import add_arguments, run
+
     with pytest.raises(ValueError, match="sequence"):
-        EditorTrainer(TrainConfig(data=[FACTS], sequence=0, mend=MendConfig(rank=8)),
-                      LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory"))
+        TrainConfig(data=[FACTS], sequence=0)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--data", FACTS, "--sequence", "0", "--out", str(tmp_path / "ed")])) == 2
+    assert "sequence must be >= 1" in caplog.text and not (tmp_path / "ed").exists()  # refused before any work
