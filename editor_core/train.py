@@ -19,7 +19,8 @@ preserved term as they do at inference), and the loss adds
   + c_keep * NLL(post-edit model, each earlier edit's target_new | its prompt)
 
 so the nets learn to edit an already-edited model without undoing what it was taught. The locality KL
-is then taken against the model before this step (what this edit changes), not the unedited one.
+is then taken against the model before this step (what this edit changes), or with ``loc_against``
+"unedited" against the unedited model on the neighbours of every edit of the sequence so far.
 
 Only the edited tail of the model runs per step: the hidden states entering the first edited block
 are cached once per text (:class:`PrefixStateCache`). Validation edits held-out records one at a time
@@ -95,6 +96,10 @@ class TrainConfig:
     sequence: int = 1
     c_keep: float = 0.1  # weight of the earlier edits' NLL within a sequence (c_edit's default: as much as the current one)
     val_stacked: bool = False  # also validate the held-out records edited one after another
+    # what the locality KL compares the post-edit model with: "step", the model before this step (what this
+    # edit changes); "unedited", the unedited model, on the neighbours of every edit of the sequence so far
+    # (what the whole sequence has changed, so damage that builds up over a sequence is charged too)
+    loc_against: str = "step"
     val_every: int = 100
     patience: int = 5  # validations without improvement before stopping
     seed: int = 0
@@ -115,6 +120,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.sequence < 1:
             raise ValueError(f"sequence must be >= 1 (edits applied one after another), not {self.sequence}")
+        if self.loc_against not in ("step", "unedited"):
+            raise ValueError(f"loc_against must be 'step' or 'unedited', not {self.loc_against!r}")
 
 
 def _pairs_batch(tok, pairs: list[tuple[str, str]], max_len: int) -> TokenBatch:
@@ -255,7 +262,9 @@ class EditorTrainer:
         self.editor.nets.train()
         dev, max_len = self.cfg.device, self.cfg.mend.max_len
         post_pairs = [(p, r.target_new) for r in records for p in (r.prompt, *r.rephrases)]
-        loc_pairs = [(lp.prompt, lp.answer) for r in records for lp in r.locality]
+        unedited = self.cfg.loc_against == "unedited"
+        loc_records = [*records, *(r for e in self.applied for r in e.records)] if unedited else records
+        loc_pairs = [(lp.prompt, lp.answer) for r in loc_records for lp in r.locality]
         kept_pairs = [(r.prompt, r.target_new) for e in self.applied for r in e.records]
         post_b = _pairs_batch(self.tok, post_pairs, max_len).to(dev)
         loc_b = _pairs_batch(self.tok, loc_pairs, max_len).to(dev) if loc_pairs else None
@@ -264,9 +273,10 @@ class EditorTrainer:
         # answer positions of the locality sequences (KL over the neighbour's answer tokens).
         loc_sel = target_positions(loc_b) if loc_b is not None else None
         zero = torch.zeros((), device=dev)
-        with added_updates(self.model, applied_updates(self.applied)):  # the model as the sequence left it
-            with torch.no_grad(), self._amp():
-                loc_pre = torch.log_softmax(self._tail(loc_b, loc_sel).float(), -1) if loc_b is not None else None
+        earlier = applied_updates(self.applied)
+        with added_updates(self.model, {} if unedited else earlier), torch.no_grad(), self._amp():
+            loc_pre = torch.log_softmax(self._tail(loc_b, loc_sel).float(), -1) if loc_b is not None else None
+        with added_updates(self.model, earlier):  # the model as the sequence left it
             updates, keys = self._edit_updates(records, self.applied)
             with added_updates(self.model, updates):
                 l_edit = selected_target_nll(self._tail(post_b, target_positions(post_b)), post_b)
@@ -496,6 +506,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the unedited model)")
     p.add_argument("--c-keep", type=float, default=d.c_keep,
                    help="weight of the sequence's earlier edits' NLL (with --sequence > 1)")
+    p.add_argument("--loc-against", default=d.loc_against, choices=["step", "unedited"],
+                   help="locality KL against the model before each step, or against the unedited model on the "
+                        "neighbours of the whole sequence so far")
     p.add_argument("--val-stacked", action="store_true",
                    help="also validate the held-out records edited one after another (score: mean of both)")
     p.add_argument("--limit", type=int, default=None, help="read at most N records per file")
@@ -530,7 +543,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model=args.model, data=list(args.data), format=args.format, out=args.out, val_size=args.val_size,
         edits_per_step=args.edits_per_step, steps=args.steps, lr=args.lr, lr_lr=args.lr_lr,
         c_edit=args.c_edit, c_loc=args.c_loc, sequence=args.sequence, c_keep=args.c_keep,
-        val_stacked=args.val_stacked, val_every=args.val_every, patience=args.patience,
+        val_stacked=args.val_stacked, loc_against=args.loc_against, val_every=args.val_every, patience=args.patience,
         seed=args.seed, device=args.device, dtype=args.dtype, autocast=args.autocast,
         prefix_cache=not args.no_prefix_cache,
         limit=args.limit, init_from=args.init_from, stats=args.stats, mend=mend,

@@ -12,7 +12,7 @@ from editor_core.editor import MendEditor
 from editor_core.functional_edit import added_updates
 from editor_core.models import LoadedModel
 from editor_core.stats import KeyStats
-from editor_core.train import EditorTrainer, TrainConfig, train
+from editor_core.train import EditorTrainer, TrainConfig, applied_updates, train
 
 FACTS = str(FIXTURES / "facts.json")
 
@@ -173,6 +173,30 @@ def test_a_sequence_edits_the_model_its_earlier_steps_left_and_asks_them_to_hold
     solved = next(iter(trainer.inverses))
     assert not torch.allclose(expected[solved].dense(), alone[solved].dense())  # the gradient read the edited model
     assert trainer.applied == []  # a sequence of 2 ends: the next step edits the unedited model
+
+
+def test_locality_against_the_unedited_model_charges_the_whole_sequence(tiny_llama, tiny_tokenizer, tmp_path):
+    from editor_core.batching import kl_pre_post, target_positions
+
+    first, second = load_records(FACTS)[2:3], load_records(FACTS)[4:5]
+    kls = {}
+    for against in ("step", "unedited"):
+        trainer = _frozen_trainer(tiny_llama, tiny_tokenizer, tmp_path, sequence=3, loc_against=against)
+        with torch.no_grad():  # edits large enough to move the neighbours well above float rounding
+            trainer.editor.nets.log_lr += 6.0
+        trainer.step(first)
+        kls[against] = trainer.step(second)["loc_kl"]
+    applied = applied_updates(trainer.applied)  # both edits, as the steps made them
+    pairs = [(lp.prompt, lp.answer) for r in (*second, *first) for lp in r.locality]
+    b = build_batch(trainer.tok, [p for p, _ in pairs], [a for _, a in pairs])
+    sel = target_positions(b)
+    with torch.no_grad():
+        pre = torch.log_softmax(trainer._tail(b, sel), -1)  # the unedited model
+        with added_updates(trainer.model, applied):
+            post = trainer._tail(b, sel)
+    expected = float(kl_pre_post(pre, post, torch.ones(post.shape[0])))
+    assert kls["unedited"] == pytest.approx(expected, rel=1e-4)  # both edits, both records' neighbours
+    assert kls["unedited"] != pytest.approx(kls["step"], rel=1e-3)
 
 
 def test_a_sequence_keeps_the_outputs_at_earlier_edits_keys_with_preserve_keep(tiny_llama, tiny_tokenizer, tmp_path):
