@@ -364,7 +364,7 @@ class EditorTrainer:
 
 def _rates(hits: dict[str, list[float]]) -> dict[str, float]:
     """Each metric's mean over the records, and the selection score."""
-    out = {k: sum(hits.get(k, [])) / len(hits[k]) if hits.get(k) else float("nan")
+    out = {k: sum(hits[k]) / len(hits[k]) if hits.get(k) else float("nan")
            for k in ("efficacy", "paraphrase", "neighborhood", "take")}
     # model selection keeps MEND's mean of the three; "take" (one edit makes the new target the greedy
     # answer, what `success` counts) is reported beside it

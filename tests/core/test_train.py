@@ -158,21 +158,26 @@ def _frozen_trainer(tiny_llama, tiny_tokenizer, tmp_path, **train):
 
 
 def test_a_sequence_edits_the_model_its_earlier_steps_left_and_asks_them_to_hold(tiny_llama, tiny_tokenizer, tmp_path):
-    trainer = _frozen_trainer(tiny_llama, tiny_tokenizer, tmp_path, sequence=2, c_keep=1.0)
-    first, second = load_records(FACTS)[2:3], load_records(FACTS)[4:5]
+    trainer = _frozen_trainer(tiny_llama, tiny_tokenizer, tmp_path, sequence=3, c_keep=1.0)
+    first, second, third = load_records(FACTS)[2:3], load_records(FACTS)[4:5], load_records(FACTS)[5:6]
     assert "keep_nll" not in trainer.step(first)
-    (applied,) = trainer.applied  # the first edit stays applied for the sequence's second step
-    alone, _ = trainer._edit_updates(second)  # the second edit as the unedited model would get it
-    with torch.no_grad(), added_updates(trainer.model, applied.updates):
-        expected, _ = trainer._edit_updates(second, [applied])
-        b = build_batch(trainer.tok, [first[0].prompt], [first[0].target_new])
-        with added_updates(trainer.model, expected):
-            held = float(mean_target_nll(trainer.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b))
     stats = trainer.step(second)
-    assert stats["keep_nll"] == pytest.approx(held, rel=1e-4)  # the first edit's NLL with both applied
+    first_edit, second_edit = trainer.applied  # both stay applied for the sequence's third step
+    trainer.editor.nets.eval()  # the input normalisers as the steps left them (training mode updates them)
+    with torch.no_grad():
+        with added_updates(trainer.model, first_edit.updates):
+            on_edited, _ = trainer._edit_updates(second, [first_edit])
+        alone, _ = trainer._edit_updates(second)  # the second edit as the unedited model would get it
+        b = build_batch(trainer.tok, [first[0].prompt], [first[0].target_new])
+        with added_updates(trainer.model, applied_updates(trainer.applied)):
+            held = float(mean_target_nll(trainer.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b))
     solved = next(iter(trainer.inverses))
-    assert not torch.allclose(expected[solved].dense(), alone[solved].dense())  # the gradient read the edited model
-    assert trainer.applied == []  # a sequence of 2 ends: the next step edits the unedited model
+    for name, update in second_edit.updates.items():  # the step edited the model the first edit left
+        assert torch.allclose(update.dense(), on_edited[name].dense(), atol=1e-6), name
+    assert not torch.allclose(second_edit.updates[solved].dense(), alone[solved].dense(), atol=1e-6)
+    assert stats["keep_nll"] == pytest.approx(held, rel=1e-4)  # the first edit's NLL with both applied
+    trainer.step(third)
+    assert trainer.applied == []  # a sequence of 3 ends: the next step edits the unedited model
 
 
 def test_locality_against_the_unedited_model_charges_the_whole_sequence(tiny_llama, tiny_tokenizer, tmp_path):
