@@ -4,7 +4,11 @@ Each step samples ``edits_per_step`` records, computes one batched edit from the
 and trains the editor nets (not the model) on
 
     c_edit * NLL(post-edit model, target_new | prompt and rephrases)
-  + c_loc  * KL(pre || post) at the answer positions of the records' locality prompts.
+  + c_loc  * KL(pre || post) at the answer positions of the records' locality prompts
+  + c_other * KL(pre || post) at the true answers of ``loc_others`` other training records' prompts.
+
+The records' own locality prompts are their neighbours (same relation, other subjects); the other
+records' prompts are facts of any relation the edit must leave alone too, as the service's canaries are.
 
 With ``mend.preserve_lambda`` > 0 each proposal is re-solved against key statistics (``stats``) at each
 record's key, as one inference pass of the editor writes it (:mod:`editor_core.preserved_solve`, MALMEN's
@@ -100,6 +104,10 @@ class TrainConfig:
     # edit changes); "unedited", the unedited model, on the neighbours of every edit of the sequence so far
     # (what the whole sequence has changed, so damage that builds up over a sequence is charged too)
     loc_against: str = "step"
+    # prompts of other training records (not in the step's batch) whose true answers each step's edit must
+    # leave alone, weighted by c_other: locality beyond the records' own neighbours (0: none)
+    loc_others: int = 0
+    c_other: float = 1.0
     val_every: int = 100
     patience: int = 5  # validations without improvement before stopping
     seed: int = 0
@@ -122,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"sequence must be >= 1 (edits applied one after another), not {self.sequence}")
         if self.loc_against not in ("step", "unedited"):
             raise ValueError(f"loc_against must be 'step' or 'unedited', not {self.loc_against!r}")
+        if self.loc_others < 0:
+            raise ValueError(f"loc_others must be >= 0 (other records' prompts per step), not {self.loc_others}")
 
 
 def _pairs_batch(tok, pairs: list[tuple[str, str]], max_len: int) -> TokenBatch:
@@ -257,8 +267,9 @@ class EditorTrainer:
         self.edits_made += 1
         into.append(AppliedEdit(str(self.edits_made), records, _detached(updates), keys))
 
-    def step(self, records: list[EditRecord]) -> dict[str, float]:
-        """One meta-training step on a batch of edits; returns the loss terms."""
+    def step(self, records: list[EditRecord], others: list[EditRecord] = ()) -> dict[str, float]:
+        """One meta-training step on a batch of edits; returns the loss terms. ``others``: records whose
+        prompts' true answers the edit must leave alone (``c_other``), beside ``records``' neighbours."""
         self.editor.nets.train()
         dev, max_len = self.cfg.device, self.cfg.mend.max_len
         post_pairs = [(p, r.target_new) for r in records for p in (r.prompt, *r.rephrases)]
@@ -266,9 +277,12 @@ class EditorTrainer:
         loc_records = [*records, *(r for e in self.applied for r in e.records)] if unedited else records
         loc_pairs = [(lp.prompt, lp.answer) for r in loc_records for lp in r.locality]
         kept_pairs = [(r.prompt, r.target_new) for e in self.applied for r in e.records]
+        other_pairs = [(r.prompt, r.ground_truth) for r in others if r.ground_truth is not None]
         post_b = _pairs_batch(self.tok, post_pairs, max_len).to(dev)
         loc_b = _pairs_batch(self.tok, loc_pairs, max_len).to(dev) if loc_pairs else None
         kept_b = _pairs_batch(self.tok, kept_pairs, max_len).to(dev) if kept_pairs else None
+        other_b = _pairs_batch(self.tok, other_pairs, max_len).to(dev) if other_pairs else None
+        other_sel = target_positions(other_b) if other_b is not None else None
         # Logits only where a loss reads them: the target positions of the edit sequences, and the
         # answer positions of the locality sequences (KL over the neighbour's answer tokens).
         loc_sel = target_positions(loc_b) if loc_b is not None else None
@@ -276,6 +290,8 @@ class EditorTrainer:
         earlier = applied_updates(self.applied)
         with added_updates(self.model, {} if unedited else earlier), torch.no_grad(), self._amp():
             loc_pre = torch.log_softmax(self._tail(loc_b, loc_sel).float(), -1) if loc_b is not None else None
+            other_pre = (torch.log_softmax(self._tail(other_b, other_sel).float(), -1)
+                         if other_b is not None else None)
         with added_updates(self.model, earlier):  # the model as the sequence left it
             updates, keys = self._edit_updates(records, self.applied)
             with added_updates(self.model, updates):
@@ -287,7 +303,13 @@ class EditorTrainer:
                     l_loc = kl_pre_post(loc_pre, loc_post, torch.ones(loc_post.shape[0], device=dev))
                 else:
                     l_loc = zero
-        loss = self.cfg.c_edit * l_edit + self.cfg.c_keep * l_keep + self.cfg.c_loc * l_loc
+                if other_b is not None:
+                    other_post = self._tail(other_b, other_sel)  # (M, V)
+                    l_other = kl_pre_post(other_pre, other_post, torch.ones(other_post.shape[0], device=dev))
+                else:
+                    l_other = zero
+        loss = (self.cfg.c_edit * l_edit + self.cfg.c_keep * l_keep + self.cfg.c_loc * l_loc
+                + self.cfg.c_other * l_other)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.editor.nets.parameters(), 10.0)
@@ -300,6 +322,8 @@ class EditorTrainer:
                "log_lr": float(self.editor.nets.log_lr.detach().mean())}
         if kept_b is not None:
             out["keep_nll"] = float(l_keep.detach())
+        if other_b is not None:
+            out["other_kl"] = float(l_other.detach())
         return out
 
     @torch.no_grad()
@@ -407,6 +431,15 @@ def train_val_split(cfg: TrainConfig) -> tuple[list[EditRecord], list[EditRecord
     return split_records(records, val_fraction, cfg.seed)
 
 
+def other_records(rng: random.Random, pool: list[EditRecord], batch: list[EditRecord], n: int) -> list[EditRecord]:
+    """``n`` records of ``pool`` drawn by ``rng``, none of them in ``batch`` (by case id)."""
+    if n <= 0:
+        return []
+    taken = {r.case_id for r in batch}
+    drawn = rng.sample(pool, min(len(pool), n + len(batch)))
+    return [r for r in drawn if r.case_id not in taken][:n]
+
+
 def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
     """Run a full training; writes the best checkpoint, history JSON and a PNG plot to ``cfg.out``."""
     random.seed(cfg.seed)
@@ -421,6 +454,7 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
     history["unedited"] = baseline
     log.info("unedited model on val: %s", _fmt(baseline))
     best, bad_rounds, rng = -1.0, 0, random.Random(cfg.seed)
+    others_rng = random.Random(cfg.seed + 1)  # its own stream: the batches are those of a run without others
     best_summary: dict | None = None
     where = {**device_description(cfg.device), "autocast": trainer.autocast}
     log.info("training on %s (%s), autocast %s", where["device"], where["device_name"], trainer.autocast)
@@ -433,7 +467,7 @@ def train(cfg: TrainConfig, lm: models.LoadedModel | None = None) -> dict:
         try:
             for step in bar:
                 batch = rng.sample(train_recs, min(cfg.edits_per_step, len(train_recs)))
-                stats = trainer.step(batch)
+                stats = trainer.step(batch, other_records(others_rng, train_recs, batch, cfg.loc_others))
                 history["train"].append({"step": step, **stats})
                 bar.set_postfix(edit=f"{stats['edit_nll']:.2f}", kl=f"{stats['loc_kl']:.3f}")
                 if step % cfg.val_every == 0 or step == cfg.steps:
@@ -509,6 +543,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loc-against", default=d.loc_against, choices=["step", "unedited"],
                    help="locality KL against the model before each step, or against the unedited model on the "
                         "neighbours of the whole sequence so far")
+    p.add_argument("--loc-others", type=int, default=d.loc_others,
+                   help="prompts of other training records per step whose true answers the edit must leave "
+                        "alone (KL weighted by --c-other): locality beyond the records' neighbours")
+    p.add_argument("--c-other", type=float, default=d.c_other, help="weight of the --loc-others KL")
     p.add_argument("--val-stacked", action="store_true",
                    help="also validate the held-out records edited one after another (score: mean of both)")
     p.add_argument("--limit", type=int, default=None, help="read at most N records per file")
@@ -543,7 +581,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model=args.model, data=list(args.data), format=args.format, out=args.out, val_size=args.val_size,
         edits_per_step=args.edits_per_step, steps=args.steps, lr=args.lr, lr_lr=args.lr_lr,
         c_edit=args.c_edit, c_loc=args.c_loc, sequence=args.sequence, c_keep=args.c_keep,
-        val_stacked=args.val_stacked, loc_against=args.loc_against, val_every=args.val_every, patience=args.patience,
+        val_stacked=args.val_stacked, loc_against=args.loc_against, loc_others=args.loc_others,
+        c_other=args.c_other, val_every=args.val_every, patience=args.patience,
         seed=args.seed, device=args.device, dtype=args.dtype, autocast=args.autocast,
         prefix_cache=not args.no_prefix_cache,
         limit=args.limit, init_from=args.init_from, stats=args.stats, mend=mend,

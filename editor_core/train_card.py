@@ -18,6 +18,7 @@ CARD_TEMPLATE = """# MEND editor training card: {model}
 | precision | model {dtype}; autocast {autocast} |
 | torch | {torch} |
 | steps run | {steps_run} of {steps} ({edits_per_step} edits per step{sequence}) |
+| loss weights | {weights} |
 | wall time | {wall_s:.0f} s ({step_s:.2f} s per step, validations included) |
 | best checkpoint | step {best_step} ({best_wall_s:.0f} s into the run) |
 | validation at the best step | {best_val} |
@@ -45,6 +46,17 @@ def _fmt(metrics: dict | None) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
 
 
+def loss_weights(cfg) -> str:
+    """The training loss's terms and weights, as the card states them."""
+    against = "the unedited model" if cfg.loc_against == "unedited" else "the model before each step"
+    terms = [f"edit {cfg.c_edit:g}", f"neighbours' KL {cfg.c_loc:g} (against {against})"]
+    if cfg.sequence > 1:
+        terms.append(f"earlier edits' NLL {cfg.c_keep:g}")
+    if cfg.loc_others > 0:
+        terms.append(f"KL at {cfg.loc_others} other records' true answers {cfg.c_other:g}")
+    return "; ".join(terms)
+
+
 def write_card(out: Path, cfg, history: dict, best: dict | None, autocast: str) -> Path:
     """Fill :data:`CARD_TEMPLATE` from the run's config and history; returns the card's path."""
     steps_run = len(history["train"])
@@ -52,6 +64,7 @@ def write_card(out: Path, cfg, history: dict, best: dict | None, autocast: str) 
               "steps_run": steps_run, "steps": cfg.steps, "edits_per_step": cfg.edits_per_step,
               "sequence": (f"; {cfg.sequence} steps applied one after another per sequence, keep weight {cfg.c_keep:g}"
                            if cfg.sequence > 1 else ""),
+              "weights": loss_weights(cfg),
               "wall_s": history["wall_s"], "step_s": history["step_s"],
               "best_step": best["step"] if best else "-", "best_wall_s": best["wall_s"] if best else 0.0,
               "best_val": _fmt(best["val"] if best else None), "unedited": _fmt(history.get("unedited")),

@@ -204,6 +204,35 @@ def test_locality_against_the_unedited_model_charges_the_whole_sequence(tiny_lla
     assert kls["unedited"] != pytest.approx(kls["step"], rel=1e-3)
 
 
+def test_other_records_prompts_charge_the_edits_change_of_their_true_answers(tiny_llama, tiny_tokenizer, tmp_path):
+    from editor_core.batching import kl_pre_post, target_positions
+    from editor_core.train import other_records
+
+    records = load_records(FACTS)
+    edit, others = records[2:3], records[6:9]
+    trainer = _frozen_trainer(tiny_llama, tiny_tokenizer, tmp_path, c_other=2.0)
+    with torch.no_grad():  # an edit large enough to move other prompts well above float rounding
+        trainer.editor.nets.log_lr += 6.0
+    plain = trainer.step(edit)
+    stats = trainer.step(edit, others)
+    trainer.editor.nets.eval()  # the step's edit, recomputed as it made it (lr 0: the nets did not move)
+    with torch.no_grad():
+        updates, _ = trainer._edit_updates(edit)
+        b = build_batch(trainer.tok, [r.prompt for r in others], [r.ground_truth for r in others])
+        sel = target_positions(b)
+        pre = torch.log_softmax(trainer._tail(b, sel), -1)
+        with added_updates(trainer.model, updates):
+            post = trainer._tail(b, sel)
+    expected = float(kl_pre_post(pre, post, torch.ones(post.shape[0])))
+    assert expected > 1e-6 and "other_kl" not in plain
+    assert stats["other_kl"] == pytest.approx(expected, rel=1e-3)
+    assert stats["loss"] == pytest.approx(plain["loss"] + 2.0 * expected, rel=1e-3)
+    drawn = other_records(random.Random(0), records, records[:4], 6)  # never the batch's own records
+    assert len(drawn) == 6 and not {r.case_id for r in drawn} & {r.case_id for r in records[:4]}
+    with pytest.raises(ValueError, match="loc_others"):
+        TrainConfig(loc_others=-1)
+
+
 def test_a_sequence_keeps_the_outputs_at_earlier_edits_keys_with_preserve_keep(tiny_llama, tiny_tokenizer, tmp_path):
     moved = {}
     for keep in (0.0, 100.0):
@@ -231,7 +260,8 @@ def test_stacked_validation_of_one_record_is_its_single_edit_and_training_report
     history = train(trainer.cfg, LoadedModel(tiny_llama, tiny_tokenizer, "tiny", "memory"))
     (val,) = history["val"]
     assert "keep_nll" in history["train"][1] and "stacked_take" in val
-    assert "2 steps applied one after another per sequence" in (out / "card.md").read_text()
+    card = (out / "card.md").read_text()
+    assert "2 steps applied one after another per sequence" in card and "earlier edits' NLL 0.1" in card
     assert val["score"] == pytest.approx((val["stacked_score"] + (val["efficacy"] + val["paraphrase"]
                                                                    + val["neighborhood"]) / 3) / 2)
 
