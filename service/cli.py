@@ -21,7 +21,8 @@ log = logging.getLogger("mend")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _LAZY = {"train": "editor_core.train", "eval": "editor_core.evaluate", "calibrate": "editor_core.calibrate",
-         "export": "service.export", "stats": "editor_core.stats", "check-gpu": "service.check_gpu"}
+         "export": "service.export", "stats": "editor_core.stats", "check-gpu": "service.check_gpu",
+         "blend": "editor_core.blend"}
 _LAZY_HELP = {
     "train": "meta-train a MEND editor",
     "eval": "evaluate editors",
@@ -29,6 +30,7 @@ _LAZY_HELP = {
     "stats": "key statistics (E[k k^T]) for rome, memit and alphaedit",
     "export": "write the model at a journal version as a Hugging Face directory or a PEFT LoRA adapter",
     "check-gpu": "measure and assert the CUDA path (edits, rollback, replay, latency, memory; --dry on CPU)",
+    "blend": "interpolate a trained editor's nets with the nets it started from (WiSE-FT)",
 }
 
 
