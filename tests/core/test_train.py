@@ -91,11 +91,11 @@ def test_sigterm_stops_training_and_keeps_the_best_checkpoint(tiny_gpt2, tiny_to
     real_step = EditorTrainer.step
     calls = []
 
-    def step_then_terminate(self, records):
+    def step_then_terminate(self, records, others=()):
         calls.append(1)
         if len(calls) == 3:  # as a time limit or a process manager would
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, records)
+        return real_step(self, records, others)
 
     monkeypatch.setattr(EditorTrainer, "step", step_then_terminate)
     before = signal.getsignal(signal.SIGTERM)
