@@ -69,9 +69,11 @@ def blend(start_dir: str | Path, trained_dir: str | Path, weight: float, out: st
                      "trained": str(trained_dir), "trained_editor_id": trained.info.get("editor_id"),
                      "weight": weight}
     out = checkpoint.save(out, trained.config, state, info)
-    stats = Path(trained_dir) / STATS_FILE
-    if stats.exists() and not (out / STATS_FILE).exists():
-        shutil.copyfile(stats.resolve(), out / STATS_FILE)  # the statistics the trained nets re-solve against
+    stats, kept = Path(trained_dir) / STATS_FILE, out / STATS_FILE
+    if stats.exists():  # the statistics the trained nets re-solve against (a link is copied as its file)
+        shutil.copyfile(stats.resolve(), kept)
+    elif kept.exists():  # an earlier editor's in a reused directory: the blend would re-solve against them
+        kept.unlink()
     log.info("wrote %s: %g of %s on %s", out, weight, trained_dir, start_dir)
     return out
 

@@ -43,7 +43,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -267,7 +267,7 @@ class EditorTrainer:
         self.edits_made += 1
         into.append(AppliedEdit(str(self.edits_made), records, _detached(updates), keys))
 
-    def step(self, records: list[EditRecord], others: list[EditRecord] = ()) -> dict[str, float]:
+    def step(self, records: list[EditRecord], others: Sequence[EditRecord] = ()) -> dict[str, float]:
         """One meta-training step on a batch of edits; returns the loss terms. ``others``: records whose
         prompts' true answers the edit must leave alone (``c_other``), beside ``records``' neighbours."""
         self.editor.nets.train()

@@ -42,6 +42,8 @@ def test_a_blend_is_the_weighted_mean_of_the_nets_and_its_ends_edit_as_the_edito
     doc = json.loads((out / checkpoint.CONFIG).read_text())
     assert doc["blend"]["weight"] == 0.25 and doc["editor_id"] == "tiny-blend0.25"
     assert (out / STATS_FILE).read_bytes() == b"statistics"
+    (b / STATS_FILE).unlink()  # a trained editor without statistics of its own: none are left behind in out
+    assert not (blend(a, b, 0.25, out) / STATS_FILE).exists()
 
     request = load_records(FIXTURES / "facts.json")[2].to_request()
     for weight, end in ((0.0, a), (1.0, b)):  # the ends edit exactly as the two editors
