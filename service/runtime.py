@@ -100,6 +100,9 @@ class Status:
 
 
 WATCH_INTERVAL_S = 0.5  # how often the embedded redis-server's liveness is polled (a waitpid, no I/O)
+# how long /health/ready reports journal_unavailable before the service exits, so a probe or a dashboard
+# polling it sees why the service is about to go (without it the exit raced the first probe after the loss)
+REPORT_BEFORE_EXIT_S = 1.0
 
 
 class Runtime:
@@ -292,6 +295,7 @@ class Runtime:
                 lost = self.status.error or "embedded redis-server exited"
                 self.metrics.ready.set(0)
                 log.error("the journal is gone: %s", lost, extra={"phase": "journal_unavailable"})
+                self._closing.wait(REPORT_BEFORE_EXIT_S)  # a shutdown meanwhile ends the wait (and _fail is a no-op)
                 self._fail(lost)
                 return
 
