@@ -154,6 +154,15 @@ class AppliedEdit:
     keys: dict[str, torch.Tensor]  # re-solved target -> (n, d_in) the keys it was solved at
 
 
+@dataclass
+class HeldAnswers:
+    """(prompt, answer) pairs an edit must leave alone, with their answers' log-probs before it."""
+
+    batch: TokenBatch
+    select: torch.Tensor  # (B, T) bool: the answer positions
+    pre: torch.Tensor  # (N, V) log-probs at those positions before the edit
+
+
 def applied_updates(earlier: list[AppliedEdit]) -> dict[str, LowRankUpdate]:
     """The earlier edits' updates as one per target (their sum)."""
     parts: dict[str, list[LowRankUpdate]] = {}
@@ -279,35 +288,18 @@ class EditorTrainer:
         kept_pairs = [(r.prompt, r.target_new) for e in self.applied for r in e.records]
         other_pairs = [(r.prompt, r.ground_truth) for r in others if r.ground_truth is not None]
         post_b = _pairs_batch(self.tok, post_pairs, max_len).to(dev)
-        loc_b = _pairs_batch(self.tok, loc_pairs, max_len).to(dev) if loc_pairs else None
         kept_b = _pairs_batch(self.tok, kept_pairs, max_len).to(dev) if kept_pairs else None
-        other_b = _pairs_batch(self.tok, other_pairs, max_len).to(dev) if other_pairs else None
-        other_sel = target_positions(other_b) if other_b is not None else None
-        # Logits only where a loss reads them: the target positions of the edit sequences, and the
-        # answer positions of the locality sequences (KL over the neighbour's answer tokens).
-        loc_sel = target_positions(loc_b) if loc_b is not None else None
         zero = torch.zeros((), device=dev)
         earlier = applied_updates(self.applied)
         with added_updates(self.model, {} if unedited else earlier), torch.no_grad(), self._amp():
-            loc_pre = torch.log_softmax(self._tail(loc_b, loc_sel).float(), -1) if loc_b is not None else None
-            other_pre = (torch.log_softmax(self._tail(other_b, other_sel).float(), -1)
-                         if other_b is not None else None)
+            loc, other = self._answers_before(loc_pairs), self._answers_before(other_pairs)
         with added_updates(self.model, earlier):  # the model as the sequence left it
             updates, keys = self._edit_updates(records, self.applied)
             with added_updates(self.model, updates):
                 l_edit = selected_target_nll(self._tail(post_b, target_positions(post_b)), post_b)
                 l_keep = (selected_target_nll(self._tail(kept_b, target_positions(kept_b)), kept_b)
                           if kept_b is not None else zero)
-                if loc_b is not None:
-                    loc_post = self._tail(loc_b, loc_sel)  # (N, V)
-                    l_loc = kl_pre_post(loc_pre, loc_post, torch.ones(loc_post.shape[0], device=dev))
-                else:
-                    l_loc = zero
-                if other_b is not None:
-                    other_post = self._tail(other_b, other_sel)  # (M, V)
-                    l_other = kl_pre_post(other_pre, other_post, torch.ones(other_post.shape[0], device=dev))
-                else:
-                    l_other = zero
+                l_loc, l_other = self._answers_kl(loc, zero), self._answers_kl(other, zero)
         loss = (self.cfg.c_edit * l_edit + self.cfg.c_keep * l_keep + self.cfg.c_loc * l_loc
                 + self.cfg.c_other * l_other)
         self.opt.zero_grad(set_to_none=True)
@@ -322,9 +314,25 @@ class EditorTrainer:
                "log_lr": float(self.editor.nets.log_lr.detach().mean())}
         if kept_b is not None:
             out["keep_nll"] = float(l_keep.detach())
-        if other_b is not None:
+        if other is not None:
             out["other_kl"] = float(l_other.detach())
         return out
+
+    def _answers_before(self, pairs: list[tuple[str, str]]) -> HeldAnswers | None:
+        """``pairs`` (prompt, answer) as the model now answers them (None for none): the reference an edit's
+        KL is taken against. Logits only at the answer positions, where the KL reads them."""
+        if not pairs:
+            return None
+        batch = _pairs_batch(self.tok, pairs, self.cfg.mend.max_len).to(self.cfg.device)
+        select = target_positions(batch)
+        return HeldAnswers(batch, select, torch.log_softmax(self._tail(batch, select).float(), -1))
+
+    def _answers_kl(self, held: HeldAnswers | None, zero: torch.Tensor) -> torch.Tensor:
+        """Mean KL(before || now) over ``held``'s answer positions, on the model as it is now."""
+        if held is None:
+            return zero
+        post = self._tail(held.batch, held.select)  # (N, V)
+        return kl_pre_post(held.pre, post, torch.ones(post.shape[0], device=post.device))
 
     @torch.no_grad()
     def validate(self, records: list[EditRecord], edit: bool = True) -> dict[str, float]:
