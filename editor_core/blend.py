@@ -8,7 +8,9 @@ editors of the same architecture, trained one from the other, it is one line per
 
     theta = (1 - weight) * theta_start + weight * theta_trained
 
-``weight`` 0 is the start, 1 the trained nets. The blend takes the trained editor's configuration (its
+``weight`` 0 is the start, 1 the trained nets. ``--only`` blends the named tensors alone and keeps the
+start's others: ``--only log_lr`` gives the start's nets the trained per-layer step sizes (a share of
+them, in log space), which is where session 33 found most of what the trained nets changed. The blend takes the trained editor's configuration (its
 targets and inference settings) and key statistics, and records both sources and the weight in its
 ``editor_config.json``; its ``editor_id`` names the weight, so journals tell the editors apart.
 """
@@ -28,9 +30,12 @@ from editor_core.editor import STATS_FILE
 log = logging.getLogger(__name__)
 
 
-def blend_states(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], weight: float
-                 ) -> dict[str, torch.Tensor]:
+def blend_states(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], weight: float,
+                 only: list[str] | None = None) -> dict[str, torch.Tensor]:
     """``(1 - weight) * start + weight * trained`` per floating tensor; the others must be equal.
+
+    ``only``: blend these tensors and take every other from ``start`` (None: blend all). A name that is not
+    among the tensors is refused.
 
     Refuses states that do not hold the same tensors with the same shapes (nets of another architecture
     or for other targets), naming the first difference.
@@ -40,12 +45,17 @@ def blend_states(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor
     if set(start) != set(trained):
         missing = sorted(set(start) ^ set(trained))
         raise ValueError(f"the two editors' nets hold different tensors (e.g. {missing[0]}): not one architecture")
+    unknown = sorted(set(only or ()) - set(trained))
+    if unknown:
+        raise ValueError(f"no tensor {unknown[0]!r} in the nets (they hold {', '.join(sorted(trained))})")
     out = {}
     for name, b in trained.items():
         a = start[name]
         if a.shape != b.shape:
             raise ValueError(f"{name}: shape {tuple(a.shape)} in one editor, {tuple(b.shape)} in the other")
-        if b.is_floating_point():
+        if only is not None and name not in only:
+            out[name] = a.clone()
+        elif b.is_floating_point():
             out[name] = ((1.0 - weight) * a.double() + weight * b.double()).to(b.dtype)
         elif torch.equal(a, b):
             out[name] = b.clone()
@@ -54,7 +64,8 @@ def blend_states(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor
     return out
 
 
-def blend(start_dir: str | Path, trained_dir: str | Path, weight: float, out: str | Path) -> Path:
+def blend(start_dir: str | Path, trained_dir: str | Path, weight: float, out: str | Path,
+          only: list[str] | None = None) -> Path:
     """Write the blend of two editor checkpoints to ``out``; returns it (see the module docstring)."""
     start, trained = checkpoint.load(start_dir), checkpoint.load(trained_dir)
     if start.config.targets != trained.config.targets:
@@ -62,12 +73,12 @@ def blend(start_dir: str | Path, trained_dir: str | Path, weight: float, out: st
     for key in ("model_fingerprint", "weights_fingerprint"):
         if start.info.get(key) != trained.info.get(key):
             raise ValueError(f"the editors were made for different models ({key} differs)")
-    state = blend_states(start.state, trained.state, weight)
+    state = blend_states(start.state, trained.state, weight, only)
     info = dict(trained.info)
-    info["editor_id"] = f"{trained.info.get('editor_id', 'mend')}-blend{weight:g}"
+    info["editor_id"] = f"{trained.info.get('editor_id', 'mend')}-blend{weight:g}" + ("-" + "-".join(only) if only else "")
     info["blend"] = {"start": str(start_dir), "start_editor_id": start.info.get("editor_id"),
                      "trained": str(trained_dir), "trained_editor_id": trained.info.get("editor_id"),
-                     "weight": weight}
+                     "weight": weight, "only": only}
     out = checkpoint.save(out, trained.config, state, info)
     stats, kept = Path(trained_dir) / STATS_FILE, out / STATS_FILE
     if stats.exists():  # the statistics the trained nets re-solve against (a link is copied as its file)
@@ -84,12 +95,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("trained", help="the trained editor (its configuration and statistics are the blend's)")
     p.add_argument("--weight", type=float, required=True, help="share of the trained nets, in [0, 1]")
     p.add_argument("--out", required=True, help="directory to write the blended editor to")
+    p.add_argument("--only", nargs="+", default=None, metavar="TENSOR",
+                   help="blend only these tensors of the nets (e.g. log_lr, the per-layer step sizes) and keep "
+                        "the start's others")
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mend blend``; returns the process exit code."""
     try:
-        blend(args.start, args.trained, args.weight, args.out)
+        blend(args.start, args.trained, args.weight, args.out, args.only)
     except (ValueError, checkpoint.EditorCheckpointError) as err:
         log.error("%s", err)
         return 2

@@ -73,3 +73,18 @@ def test_a_blend_refuses_a_weight_outside_0_1_and_nets_of_other_weights(tiny_lla
     add_arguments(parser)
     assert run(parser.parse_args([str(a), str(tmp_path / "missing"), "--weight", "0.5", "--out", str(tmp_path / "y")])) == 2
     assert "no editor checkpoint" in caplog.text and not (tmp_path / "y").exists()
+
+
+def test_a_blend_of_only_the_step_sizes_keeps_the_starts_nets_and_refuses_an_unknown_tensor(tiny_llama, tmp_path):
+    _, a, b = _editors(tiny_llama, tmp_path)
+    out = blend(a, b, 0.5, tmp_path / "lr", only=["log_lr"])
+    mixed, start, trained = checkpoint.load(out), checkpoint.load(a), checkpoint.load(b)
+    assert not torch.equal(start.state["log_lr"], trained.state["log_lr"])
+    torch.testing.assert_close(mixed.state["log_lr"], 0.5 * (start.state["log_lr"] + trained.state["log_lr"]))
+    others = [n for n in mixed.state if n != "log_lr"]
+    assert any(not torch.equal(start.state[n], trained.state[n]) for n in others)  # the nets did move
+    assert all(torch.equal(mixed.state[n], start.state[n]) for n in others)  # and the blend kept the start's
+    doc = json.loads((out / checkpoint.CONFIG).read_text())
+    assert doc["blend"]["only"] == ["log_lr"] and doc["editor_id"] == "tiny-blend0.5-log_lr"
+    with pytest.raises(ValueError, match="no tensor 'lr'"):
+        blend_states(start.state, trained.state, 0.5, only=["lr"])
