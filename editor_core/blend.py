@@ -9,10 +9,11 @@ editors of the same architecture, trained one from the other, it is one line per
     theta = (1 - weight) * theta_start + weight * theta_trained
 
 ``weight`` 0 is the start, 1 the trained nets. ``--only`` blends the named tensors alone and keeps the
-start's others: ``--only log_lr`` gives the start's nets the trained per-layer step sizes (a share of
-them, in log space), which is where session 33 found most of what the trained nets changed. The blend takes the trained editor's configuration (its
-targets and inference settings) and key statistics, and records both sources and the weight in its
-``editor_config.json``; its ``editor_id`` names the weight, so journals tell the editors apart.
+start's others: ``--only log_lr`` gives the start's nets a share of the trained per-layer step sizes (in
+log space), where session 33 found most of what the trained nets had changed (docs/MEND.md). The blend
+takes the trained editor's configuration (its targets and inference settings) and key statistics, and
+records both sources, the weight and ``only`` in its ``editor_config.json``; its ``editor_id`` names the
+weight (and the tensors), so journals tell the editors apart.
 """
 
 from __future__ import annotations
