@@ -65,22 +65,6 @@ def _first_token_rank(model, tokenizer, prompt: str, answer: str) -> int:
     return int((logits > logits[target_ids(tokenizer, answer)[0]]).sum())
 
 
-def _position_keys(model, tokenizer, prompt: str, names: list[str]) -> dict[str, torch.Tensor]:
-    """{name: (T, d_in)} the inputs of each named module at every position of ``prompt``."""
-    from editor_core.batching import prompt_ids
-
-    box: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, inputs, n=n: box.__setitem__(n, inputs[0][0].float())) for n in names]
-    try:
-        with torch.no_grad():
-            model(torch.tensor([prompt_ids(tokenizer, prompt)], device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return box
-
-
 def main(argv: list[str] | None = None) -> int:
     from editor_core import checkpoint, models
     from editor_core.batching import target_ids
@@ -90,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from editor_core.methods.values import subject_keys
     from editor_core.requests import EditRequest
     from editor_core.stack import EditStack
+    from tools.key_coverage import position_keys
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -122,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     wordings = ("", *editor.config.key_prefixes)
     own = subject_keys(model, tok, [(r.prompt, r.subject) for r in records], targets, wordings)
     para = subject_keys(model, tok, [(r.rephrases[0], r.subject) for r in records], targets, ("",))
-    neighbour = [_position_keys(model, tok, r.locality[0].prompt, names) for r in records]
+    blocks = {t.block: t.name for t in targets}  # the edited layers are one output projection per block
+    neighbour = [{blocks[b]: k for b, k in position_keys(model, tok, [r.locality[0].prompt], blocks).items()}
+                 for r in records]
     print("layer  reach at the rephrasing's subject key (median)  largest reach in the neighbour prompt (median)")
     for name in names:
         k = own[name].view(len(records), len(wordings), -1).mean(1)  # (n, d_in)
